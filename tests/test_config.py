@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from rlhf_lib.config import PRESETS, ConfigError, load_preset
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads(name):
+    cfg = load_preset(name)
+    assert cfg.preset == name
+    assert cfg.labelers.k_min >= 2 and cfg.labelers.k_max <= 9
+
+
+def test_paper_defaults_where_the_paper_is_explicit():
+    cfg = load_preset("tiny")
+    assert cfg.ppo.kl_beta == 0.02
+    assert cfg.ppo.gamma == 1.0 and cfg.ppo.gae_lambda == 0.95
+    assert cfg.sft.min_lr_ratio == 0.1 and (cfg.sft.adam_beta1, cfg.sft.adam_beta2) == (0.9, 0.95)
+
+
+def test_unknown_key_names_key_file_and_allowed(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[ppo]\nkl_bta = 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_preset(bad)
+    message = str(err.value)
+    assert "bad.toml" in message and "ppo.kl_bta" in message and "kl_beta" in message
+
+
+def test_bad_value_names_allowed_values(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\ndtype = "fp8"\n')
+    with pytest.raises(ConfigError, match=r"model\.dtype.*'float32'"):
+        load_preset(bad)
+
+
+def test_out_of_range_and_wrong_type_rejected():
+    with pytest.raises(ConfigError, match=r"ppo\.clip_range.*\[0\.0, 1\.0\]"):
+        load_preset("micro", {"ppo.clip_range": 3.0})
+    with pytest.raises(ConfigError, match=r"sft\.epochs.*int"):
+        load_preset("micro", {"sft.epochs": "two"})
+    with pytest.raises(ConfigError, match="k_min"):
+        load_preset("micro", {"labelers.k_min": 8, "labelers.k_max": 4})
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ConfigError, match="micro"):
+        load_preset("huge")
+
+
+def test_fingerprint_changes_only_downstream():
+    base = load_preset("micro")
+    changed = load_preset("micro", {"ppo.kl_beta": 0.05})
+    assert base.fingerprint("sft") == changed.fingerprint("sft")
+    assert base.fingerprint("reward") == changed.fingerprint("reward")
+    assert base.fingerprint("ppo") != changed.fingerprint("ppo")
+    assert base.fingerprint("analysis") != changed.fingerprint("analysis")
