@@ -1,0 +1,132 @@
+"""Stage directories and caching: each stage's artifacts live under a key of the settings they depend on.
+
+    runs/<preset>/<stage>-<fingerprint>/      e.g. runs/tiny/sft-4fc7688af505/
+        ...artifacts...                        written into a temporary sibling, then renamed
+        DONE.json                              last: what produced it, when, how long it took
+
+A rerun with the same preset and seed finds DONE.json and skips the stage; a changed knob changes the
+fingerprint of its stage and of every stage downstream (config.StudyConfig.STAGE_SECTIONS), so exactly
+those rerun. An interrupted stage leaves only a `.partial-*` directory, which is discarded.
+
+    from rlhf_lib.pipeline import RunPaths, cached_stage
+    paths = RunPaths.for_config(cfg)               # root from $RLHF_RUNS_DIR or ./runs
+    with cached_stage(paths, "sft") as stage:      # stage.done: already finished?
+        if not stage.done:
+            train_into(stage.dir)                  # stage.dir is the temporary directory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rlhf_lib.config import StudyConfig
+
+STAGES = ("data", "sft", "reward", "ppo", "analysis")
+DONE = "DONE.json"
+
+
+def default_runs_root() -> Path:
+    return Path(os.environ.get("RLHF_RUNS_DIR", Path(__file__).resolve().parent.parent / "runs"))
+
+
+@dataclass
+class RunPaths:
+    """Where each stage of one preset's study keeps its artifacts."""
+
+    root: Path
+    cfg: StudyConfig
+
+    @classmethod
+    def for_config(cls, cfg: StudyConfig, root: str | Path | None = None) -> RunPaths:
+        return cls(Path(root) if root else default_runs_root() / cfg.preset, cfg)
+
+    def stage(self, name: str) -> Path:
+        if name not in STAGES:
+            raise KeyError(f"Unknown stage '{name}'; stages are {STAGES}.")
+        return self.root / f"{name}-{self.cfg.fingerprint(name)}"
+
+    def is_done(self, name: str) -> bool:
+        return (self.stage(name) / DONE).exists()
+
+    def require(self, name: str) -> Path:
+        """The finished directory of an upstream stage, or a clear error saying what to run."""
+        path = self.stage(name)
+        if not (path / DONE).exists():
+            index = STAGES.index(name) + 1
+            raise FileNotFoundError(
+                f"Stage '{name}' has not finished for preset '{self.cfg.preset}' ({path}). "
+                f"Run notebook 0{index} first, or `python run_all.py --sizes {self.cfg.preset} --only {name}`."
+            )
+        return path
+
+    @property
+    def data(self) -> Path:
+        return self.stage("data")
+
+    @property
+    def sft(self) -> Path:
+        return self.stage("sft")
+
+    @property
+    def reward(self) -> Path:
+        return self.stage("reward")
+
+    @property
+    def ppo(self) -> Path:
+        return self.stage("ppo")
+
+    @property
+    def analysis(self) -> Path:
+        return self.stage("analysis")
+
+
+@dataclass
+class StageHandle:
+    name: str
+    dir: Path  # write here (a temporary directory while the stage runs; the final one when done)
+    done: bool
+
+
+@contextmanager
+def cached_stage(paths: RunPaths, name: str) -> Iterator[StageHandle]:
+    """Run a stage at most once per fingerprint; publish its directory atomically on success."""
+    final = paths.stage(name)
+    if (final / DONE).exists():
+        yield StageHandle(name, final, True)
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    started = time.time()
+    try:
+        yield StageHandle(name, tmp, False)
+        record = {
+            "stage": name,
+            "preset": paths.cfg.preset,
+            "seed": paths.cfg.seed,
+            "fingerprint": paths.cfg.fingerprint(name),
+            "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(time.time() - started, 1),
+            "config": paths.cfg.to_dict(),
+        }
+        (tmp / DONE).write_text(json.dumps(record, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stage_record(paths: RunPaths, name: str) -> dict:
+    return json.loads((paths.require(name) / DONE).read_text())
