@@ -329,11 +329,31 @@ def _hub_error(name: str, err: Exception) -> ModelUnavailableError:
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the Hub endpoint be reached at all? Checked once, so an offline machine fails in seconds."""
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
+_HUB_REACHABLE: bool | None = None
+
+
 def _hub_kwargs(name: str) -> dict[str, Any]:
-    # Never trust remote code; stay offline when the environment says so.
+    """Never trust remote code; use only local files when offline (Hub cache or a local directory)."""
     kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        kwargs["local_files_only"] = True
+    if name not in REGISTRY and not Path(name).is_dir():
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+            kwargs["local_files_only"] = True
     return kwargs
 
 

@@ -1,0 +1,127 @@
+"""The model registry: offline materialisation, cache integrity, Hub fallback, 4-bit + LoRA."""
+
+import pickle
+
+import pytest
+import torch
+
+from rlhf_lib import models
+from rlhf_lib.generation import generate
+from rlhf_lib.prompting import format_prompt
+
+
+def test_registry_names_real_packages():
+    assert {"micro", "smollm2-135m-instruct", "gemma-3-270m"} <= set(models.REGISTRY)
+    for spec in models.REGISTRY.values():
+        assert spec.install.startswith("pip install")
+
+
+def test_micro_model_is_deterministic_and_small(isolated_cache):
+    path = models.materialize("micro")
+    assert (path / models.MANIFEST).exists() and (path / "model.safetensors").exists()
+    model = models.load_causal_lm("micro")
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+    assert next(model.parameters()).dtype == torch.float32  # fp32 on CPU
+    tokenizer = models.load_tokenizer("micro")
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    again = models.load_causal_lm("micro").state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_corrupted_cache_is_detected_and_rebuilt(isolated_cache):
+    path = models.materialize("micro")
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    corrupted = bytearray(good)
+    corrupted[len(corrupted) // 2] ^= 0xFF  # same size, one flipped byte
+    weights.write_bytes(bytes(corrupted))
+    with pytest.raises(models.CorruptCacheError, match="sha256"):
+        models.verify_checkpoint(path)
+    with pytest.warns(UserWarning, match="Rebuilding corrupted model cache"):
+        rebuilt = models.materialize("micro")
+    assert rebuilt.joinpath("model.safetensors").read_bytes() == good
+
+
+def test_partial_cache_without_manifest_is_not_used(isolated_cache):
+    path = models.materialize("micro")
+    (path / models.MANIFEST).unlink()
+    with pytest.raises(models.CorruptCacheError, match="interrupted"):
+        models.verify_checkpoint(path)
+    with pytest.warns(UserWarning):
+        models.materialize("micro")
+    models.verify_checkpoint(path)
+
+
+def test_truncated_weights_detected(isolated_cache):
+    path = models.materialize("micro")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(models.CorruptCacheError, match="bytes"):
+        models.verify_checkpoint(path)
+
+
+def test_hub_name_offline_fails_fast_with_guidance(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelUnavailableError) as err:
+        models.load_causal_lm("someone/not-a-cached-model")
+    message = str(err.value)
+    assert "smollm2-135m-instruct" in message and "hf download someone/not-a-cached-model" in message
+
+
+def test_local_directory_loads_through_from_pretrained(tmp_path, micro_model, micro_tokenizer):
+    # The Hub code path (from_pretrained on a checkpoint directory), on a fixture the test writes.
+    micro_model.save_pretrained(tmp_path / "ckpt")
+    micro_tokenizer.save_pretrained(tmp_path / "ckpt")
+    loaded = models.load_causal_lm(str(tmp_path / "ckpt"))
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(loaded(ids).logits, micro_model(ids).logits, atol=1e-5)
+
+
+class ArbitraryObject:
+    """Stands for any pickled object a malicious checkpoint could carry."""
+
+
+def test_safe_torch_load_refuses_pickled_objects(tmp_path):
+    torch.save({"x": ArbitraryObject()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        models.safe_torch_load(tmp_path / "evil.pt")
+    torch.save({"x": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(models.safe_torch_load(tmp_path / "ok.pt")["x"], torch.ones(2))
+
+
+def test_scalar_head_roundtrip_and_last_token(tmp_path):
+    head = models.ScalarHead(8)
+    head.save(tmp_path / "head.safetensors")
+    again = models.ScalarHead.load(tmp_path / "head.safetensors")
+    hidden = torch.randn(2, 3, 8)
+    assert torch.allclose(head(hidden), again(hidden))
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    assert models.last_token_index(mask).tolist() == [3, 1]
+
+
+def test_lora_on_4bit_micro_trains_one_step(micro_tokenizer):
+    model = models.load_causal_lm("micro", quantize_4bit=True)
+    assert "4bit" in type(model.model.layers[0].self_attn.q_proj).__name__
+    model = models.add_lora(model, rank=4, alpha=8)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    before = [p.detach().clone() for p in trainable]
+    batch = micro_tokenizer(["hello world", "a b c d e"], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    loss = model(**batch, labels=labels).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    torch.optim.AdamW(trainable, lr=1e-2).step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainable, strict=True))
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_a_factual_prompt_offline():
+    tokenizer = models.load_tokenizer("smollm2-135m-instruct")
+    model = models.load_causal_lm("smollm2-135m-instruct")
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    out = generate(model, tokenizer, [format_prompt(tokenizer, "What is the capital of France?")],
+                   max_new_tokens=16, temperature=0.0)
+    assert "paris" in out.texts[0].lower()
+    assert bool(out.ended_with_eos[0])
