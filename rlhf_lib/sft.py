@@ -1,0 +1,203 @@
+"""Step 1 of InstructGPT: supervised fine-tuning on human-written demonstrations (TRL's SFTTrainer).
+
+Loss is on the response tokens only (prompt-completion data, `completion_only_loss`); LoRA adapters
+by default, QLoRA when the preset sets `model.quantize_4bit`, full fine-tuning with
+`model.finetune = "full"`. Cosine decay to `sft.min_lr_ratio` of the peak LR, Adam betas
+(0.9, 0.95) as in the paper. Two products, as in the paper:
+
+- the SFT policy: `sft.epochs` epochs, the epoch checkpoint with the best validation criterion;
+- the PPO initialisation: `sft.ppo_init_epochs` epochs with `sft.ppo_init_pretrain_mix` of
+  pretraining text mixed in.
+
+    from rlhf_lib.sft import train_sft, load_policy
+    result = train_sft(cfg, demos, val_demos, out_dir)      # demos: [(prompt, response), ...]
+    model, tokenizer = load_policy(result.adapter_dir)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from datasets import Dataset
+
+from rlhf_lib import models
+from rlhf_lib.config import StudyConfig
+from rlhf_lib.prompting import format_prompt
+
+META = "meta.json"
+
+
+@dataclass
+class SFTResult:
+    adapter_dir: Path  # the chosen checkpoint: a peft adapter (or a full model) + meta.json
+    log_history: pd.DataFrame  # step, epoch, train loss, validation loss
+    chosen_epoch: float
+    seconds: float
+
+
+def demonstrations_dataset(tokenizer, pairs: Sequence[tuple[str, str]], max_response_chars: int | None = None) -> Dataset:
+    """Prompt-completion rows: the prompt in the shared format; TRL appends EOS to each completion."""
+    rows = []
+    for prompt, response in pairs:
+        response = response.strip()
+        if max_response_chars:
+            response = response[:max_response_chars]
+        rows.append({"prompt": format_prompt(tokenizer, prompt), "completion": response})
+    return Dataset.from_list(rows)
+
+
+def pretraining_rows(texts: Sequence[str], count: int, seed: int) -> list[dict[str, str]]:
+    """Plain prose as prompt-less rows, so its every token carries LM loss (the 10% mix of the PPO init)."""
+    rng = random.Random(seed)
+    chosen = [texts[rng.randrange(len(texts))] for _ in range(count)] if texts else []
+    return [{"prompt": "", "completion": text} for text in chosen]
+
+
+def _precision_flags(device: torch.device, dtype: torch.dtype) -> dict[str, bool]:
+    # Never by a library default: TRL defaults to bf16, which is ~10x slower on this CPU.
+    on_gpu = device.type == "cuda"
+    return {
+        "bf16": on_gpu and dtype == torch.bfloat16,
+        "fp16": on_gpu and dtype == torch.float16,
+        "use_cpu": not on_gpu,
+    }
+
+
+def _write_meta(directory: Path, cfg: StudyConfig, **extra) -> None:
+    meta = {"base_model": cfg.model.name, "finetune": cfg.model.finetune, "quantize_4bit": cfg.model.quantize_4bit, **extra}
+    (directory / META).write_text(json.dumps(meta, indent=1))
+
+
+def train_sft(
+    cfg: StudyConfig,
+    demonstrations: Sequence[tuple[str, str]],
+    validation: Sequence[tuple[str, str]],
+    out_dir: Path,
+    epochs: int | None = None,
+    pretrain_texts: Sequence[str] = (),
+    pretrain_mix: float = 0.0,
+    progress: bool = True,
+) -> SFTResult:
+    """Fine-tune the preset's base model on (prompt, response) pairs; keep the best epoch checkpoint."""
+    from trl import SFTConfig, SFTTrainer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = models.resolve_device(cfg.model.device)
+    dtype = models.resolve_dtype(cfg.model.dtype, device)
+    tokenizer = models.load_tokenizer(cfg.model.name)
+    model = models.load_from_preset(cfg, dropout=cfg.sft.residual_dropout)
+    if cfg.model.finetune == "lora":
+        model = models.lora_from_config(model, cfg.model)
+
+    train = demonstrations_dataset(tokenizer, demonstrations)
+    if pretrain_mix > 0 and pretrain_texts:
+        # pretrain_mix is the share of the final mix: n_pre / (n_demo + n_pre) = mix.
+        n_pre = max(1, round(len(train) * pretrain_mix / (1 - pretrain_mix)))
+        mixed = train.to_list() + pretraining_rows(pretrain_texts, n_pre, cfg.seed)
+        train = Dataset.from_list(mixed).shuffle(seed=cfg.seed)
+    val = demonstrations_dataset(tokenizer, validation) if validation else None
+
+    epochs = epochs or cfg.sft.epochs
+    steps_per_epoch = math.ceil(len(train) / (cfg.sft.batch_size * cfg.sft.grad_accum))
+    args = SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=cfg.sft.batch_size,
+        per_device_eval_batch_size=cfg.sft.batch_size,
+        gradient_accumulation_steps=cfg.sft.grad_accum,
+        learning_rate=cfg.sft.learning_rate,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": cfg.sft.min_lr_ratio},
+        warmup_steps=round(cfg.sft.warmup_ratio * steps_per_epoch * epochs),
+        adam_beta1=cfg.sft.adam_beta1,
+        adam_beta2=cfg.sft.adam_beta2,
+        weight_decay=cfg.sft.weight_decay,
+        max_length=cfg.sft.max_seq_tokens,
+        completion_only_loss=True,
+        logging_steps=1,
+        eval_strategy="epoch" if val is not None else "no",
+        save_strategy="epoch",
+        save_total_limit=None,
+        load_best_model_at_end=False,  # we choose the checkpoint ourselves (validation loss or RM score)
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+        **_precision_flags(device, dtype),
+    )
+    started = time.time()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
+    trainer.train()
+    seconds = time.time() - started
+
+    history = pd.DataFrame(trainer.state.log_history)
+    history.to_csv(out_dir / "log_history.csv", index=False)
+    chosen_dir, chosen_epoch = _choose_checkpoint(out_dir / "checkpoints", history)
+    final = out_dir / "adapter"
+    if final.exists():
+        shutil.rmtree(final)
+    _export_checkpoint(chosen_dir, final, cfg)
+    _write_meta(final, cfg, chosen_epoch=chosen_epoch, selected_by="val_loss" if val is not None else "last_epoch")
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return SFTResult(final, history, chosen_epoch, seconds)
+
+
+def _choose_checkpoint(checkpoint_root: Path, history: pd.DataFrame) -> tuple[Path, float]:
+    """The epoch checkpoint with the lowest validation loss (the last one when there is no validation)."""
+    checkpoints = sorted(checkpoint_root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not checkpoints:
+        raise RuntimeError(f"SFT wrote no checkpoint under {checkpoint_root}")
+    if "eval_loss" not in history or history["eval_loss"].isna().all():
+        return checkpoints[-1], float(history["epoch"].max())
+    evals = history.dropna(subset=["eval_loss"])
+    best = evals.loc[evals["eval_loss"].idxmin()]
+    by_step = {int(p.name.split("-")[1]): p for p in checkpoints}
+    return by_step[int(best["step"])], float(best["epoch"])
+
+
+def _export_checkpoint(checkpoint: Path, target: Path, cfg: StudyConfig) -> None:
+    """Keep only the weights (adapter or full model) and tokenizer of a Trainer checkpoint."""
+    target.mkdir(parents=True)
+    keep = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "generation_config.json")
+    for item in checkpoint.iterdir():
+        if item.name in keep or item.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(item, target / item.name)
+
+
+def load_policy(adapter_dir: Path | str, adapter_name: str = "default", trainable: bool = False):
+    """(model, tokenizer) for an SFT product: the base named in meta.json plus the saved adapter."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    meta = json.loads((adapter_dir / META).read_text())
+    tokenizer = models.load_tokenizer(meta["base_model"])
+    if meta["finetune"] == "full":
+        model = models.load_causal_lm(str(adapter_dir))
+        model.requires_grad_(trainable)
+        return model, tokenizer
+    base = models.load_causal_lm(meta["base_model"], quantize_4bit=meta.get("quantize_4bit", False))
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
+    return model, tokenizer
+
+
+def loss_curves(history: pd.DataFrame) -> pd.DataFrame:
+    """Long table (step, epoch, split, loss) of train and validation loss for plotting."""
+    train = history.dropna(subset=["loss"])[["step", "epoch", "loss"]].assign(split="train")
+    parts = [train]
+    if "eval_loss" in history:
+        val = history.dropna(subset=["eval_loss"])[["step", "epoch", "eval_loss"]].rename(columns={"eval_loss": "loss"})
+        parts.append(val.assign(split="validation"))
+    return pd.concat(parts, ignore_index=True)
