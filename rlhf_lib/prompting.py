@@ -21,13 +21,23 @@ def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def bos_prefix(tokenizer) -> str:
+    """The BOS token as text when the tokenizer adds one by default (gemma needs it), else "".
+
+    Prompt text is tokenised with `add_special_tokens=False` everywhere (chat templates carry their own
+    special tokens), so the plain template adds BOS itself where the model expects it.
+    """
+    ids = tokenizer("x")["input_ids"]
+    return tokenizer.bos_token if tokenizer.bos_token and ids and ids[0] == tokenizer.bos_token_id else ""
+
+
 def format_prompt(tokenizer, prompt: str) -> str:
     """Model-ready text for one user prompt, ending exactly where the response begins."""
     if uses_chat_template(tokenizer):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    return PLAIN_TEMPLATE.format(prompt=prompt)
+    return bos_prefix(tokenizer) + PLAIN_TEMPLATE.format(prompt=prompt)
 
 
 def response_suffix(tokenizer) -> str:
@@ -43,4 +53,4 @@ def format_example(tokenizer, prompt: str, response: str) -> tuple[str, str]:
 def few_shot_prompt(tokenizer, prompt: str, examples: list[tuple[str, str]]) -> str:
     """The "GPT prompted" baseline: an instruction prefix and k demonstrations before the prompt."""
     shots = "".join(PLAIN_TEMPLATE.format(prompt=p) + r.strip() + "\n\n" for p, r in examples)
-    return FEW_SHOT_PREFIX + shots + PLAIN_TEMPLATE.format(prompt=prompt)
+    return bos_prefix(tokenizer) + FEW_SHOT_PREFIX + shots + PLAIN_TEMPLATE.format(prompt=prompt)

@@ -31,7 +31,7 @@ from datasets import Dataset
 
 from rlhf_lib import models
 from rlhf_lib.config import StudyConfig
-from rlhf_lib.prompting import format_prompt
+from rlhf_lib.prompting import bos_prefix, format_prompt
 
 META = "meta.json"
 
@@ -45,13 +45,18 @@ class SFTResult:
 
 
 def demonstrations_dataset(tokenizer, pairs: Sequence[tuple[str, str]], max_response_chars: int | None = None) -> Dataset:
-    """Prompt-completion rows: the prompt in the shared format; TRL appends EOS to each completion."""
+    """Prompt-completion rows: the prompt in the shared format; TRL appends EOS to each completion.
+
+    TRL tokenises with the tokenizer's default special tokens, so a BOS the format already wrote is
+    removed here to keep exactly one (gemma), matching what generation sees.
+    """
+    bos = bos_prefix(tokenizer)
     rows = []
     for prompt, response in pairs:
         response = response.strip()
         if max_response_chars:
             response = response[:max_response_chars]
-        rows.append({"prompt": format_prompt(tokenizer, prompt), "completion": response})
+        rows.append({"prompt": format_prompt(tokenizer, prompt).removeprefix(bos), "completion": response})
     return Dataset.from_list(rows)
 
 
