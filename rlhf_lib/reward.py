@@ -1,0 +1,327 @@
+"""Step 2 of InstructGPT: a reward model trained on K-wise rankings.
+
+The RM is a transformer (LoRA on the base, or full) with a scalar head read at the final (EOS) token.
+Loss (Ouyang et al. 2022, eq. 1): all C(K,2) pairs of one prompt's ranking form ONE batch element,
+
+    loss(prompt) = -1/C(K,2) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l))      (ties dropped)
+
+so each completion is forwarded once per prompt, and pairs of one prompt are never split across
+batches (the paper found shuffled pairs overfit). `mode="pairwise"` trains on shuffled independent
+pairs instead, on the same data: the ablation. After training, a bias is set so that human-written
+demonstrations score a mean of 0. The RM scores TEXT: it re-tokenises with its own tokenizer, so
+one RM can judge policies of other families and sizes.
+
+    from rlhf_lib.reward import train_reward_model, RewardModel
+    result = train_reward_model(cfg, comparisons, out_dir, demonstrations=demos)
+    rm = RewardModel.load(result.model_dir)
+    rm.score_texts(["Name a colour."], ["Red."])         # tensor([...]), demos average 0
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rlhf_lib import models
+from rlhf_lib.config import StudyConfig
+from rlhf_lib.prompting import format_prompt
+
+META = "meta.json"
+HEAD = "head.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------
+
+
+def ranked_pairs(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """(winner, loser) index pairs of one ranking; rank 0 is best; equal ranks (ties) give no pair."""
+    return [
+        (i, j) if ranks[i] < ranks[j] else (j, i)
+        for i, j in itertools.combinations(range(len(ranks)), 2)
+        if ranks[i] != ranks[j]
+    ]
+
+
+def kwise_loss(scores: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """-1/#pairs * sum log sigmoid(r_w - r_l) over every untied pair of one prompt's K completions."""
+    pairs = ranked_pairs(ranks)
+    if not pairs:
+        return scores.sum() * 0.0  # all tied: no signal, but keep the graph valid
+    winners = torch.tensor([w for w, _ in pairs], device=scores.device)
+    losers = torch.tensor([lo for _, lo in pairs], device=scores.device)
+    return -F.logsigmoid(scores[winners] - scores[losers]).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardModel:
+    """A causal LM body + scalar head that scores (prompt, response) text; frozen after training."""
+
+    model: torch.nn.Module
+    head: models.ScalarHead
+    tokenizer: object
+    base_name: str
+    bias: float = 0.0
+    max_tokens: int = 320
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids of prompt + response + EOS in the RM's own format, left-padded."""
+        texts = [
+            format_prompt(self.tokenizer, p) + r.strip() + (self.tokenizer.eos_token or "")
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        self.tokenizer.padding_side = "left"
+        # Truncate from the left so the final (EOS) token, where the score is read, always survives.
+        self.tokenizer.truncation_side = "left"
+        batch = self.tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens, add_special_tokens=False
+        )
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """Head output at the last token, before the normalisation bias (differentiable)."""
+        batch = self.encode(prompts, responses)
+        per_position = models.scalar_outputs(self.model, self.head, batch["input_ids"], batch["attention_mask"])
+        last = models.last_token_index(batch["attention_mask"])
+        return per_position[torch.arange(len(last), device=last.device), last]
+
+    @torch.no_grad()
+    def score_texts(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+        """Normalised reward of each (prompt, response): demonstrations average 0."""
+        was_training = self.model.training
+        self.model.eval()
+        out = [
+            self.raw_scores(prompts[i : i + batch_size], responses[i : i + batch_size]).float().cpu()
+            for i in range(0, len(prompts), batch_size)
+        ]
+        self.model.train(was_training)
+        return torch.cat(out) - self.bias if out else torch.empty(0)
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.model, "peft_config"):
+            self.model.save_pretrained(directory / "adapter")
+            finetune = "lora"
+        else:
+            self.model.save_pretrained(directory / "full", safe_serialization=True)
+            self.tokenizer.save_pretrained(directory / "full")
+            finetune = "full"
+        self.head.save(directory / HEAD)
+        meta = {"base_model": self.base_name, "bias": self.bias, "finetune": finetune, "max_tokens": self.max_tokens}
+        (directory / META).write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, directory: Path | str, device: str = "auto", quantize_4bit: bool = False) -> RewardModel:
+        from peft import PeftModel
+
+        directory = Path(directory)
+        meta = json.loads((directory / META).read_text())
+        tokenizer = models.load_tokenizer(meta["base_model"])
+        if meta["finetune"] == "lora":
+            base = models.load_causal_lm(meta["base_model"], device=device, quantize_4bit=quantize_4bit)
+            model = PeftModel.from_pretrained(base, str(directory / "adapter"), adapter_name="reward")
+        else:
+            model = models.load_causal_lm(str(directory / "full"), device=device)
+        model.requires_grad_(False)
+        model.eval()
+        head = models.ScalarHead.load(directory / HEAD, device=next(model.parameters()).device)
+        head.requires_grad_(False)
+        return cls(model, head, tokenizer, meta["base_model"], meta["bias"], meta.get("max_tokens", 320))
+
+
+def new_reward_model(cfg: StudyConfig) -> RewardModel:
+    """An untrained RM on the preset's RM base (LoRA + fresh head, or full), dropout off."""
+    name = cfg.model.reward_model_name or cfg.model.name
+    body = models.load_causal_lm(name, device=cfg.model.device, dtype=cfg.model.dtype, quantize_4bit=cfg.model.quantize_4bit)
+    if cfg.model.finetune == "lora":
+        body = models.lora_from_config(body, cfg.model)  # "default": saved straight into adapter/
+    device = next(body.parameters()).device
+    torch.manual_seed(cfg.seed)
+    head = models.ScalarHead(models.hidden_size_of(body)).to(device)
+    return RewardModel(body, head, models.load_tokenizer(name), name, 0.0, cfg.reward.max_seq_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardTrainResult:
+    model_dir: Path
+    history: pd.DataFrame  # step, loss, lr, pairs
+    bias: float
+    seconds: float
+
+
+def _cosine_lr(step: int, total: int, min_ratio: float = 0.1) -> float:
+    progress = step / max(1, total)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _training_units(comparisons: Sequence[dict], mode: str) -> list[tuple[str, list[str], list[int]]]:
+    """One unit per prompt (kwise: all its completions and ranks) or per pair (pairwise ablation)."""
+    units = []
+    for row in comparisons:
+        if mode == "kwise":
+            units.append((row["prompt"], list(row["completions"]), list(row["ranks"])))
+        else:
+            for w, lo in ranked_pairs(row["ranks"]):
+                units.append((row["prompt"], [row["completions"][w], row["completions"][lo]], [0, 1]))
+    return units
+
+
+def train_reward_model(
+    cfg: StudyConfig,
+    comparisons: Sequence[dict],
+    out_dir: Path,
+    demonstrations: Sequence[tuple[str, str]] = (),
+    mode: str = "kwise",
+    progress: bool = True,
+) -> RewardTrainResult:
+    """Train an RM on ranked comparisons (COMPARISON_FEATURES rows); save it with its demo bias.
+
+    kwise: a batch holds `reward.batch_prompts` prompts, each with all of its pairs (the paper).
+    pairwise: a batch holds `batch_prompts * mean C(K,2)` shuffled pairs (same pairs per batch on average).
+    """
+    if mode not in ("kwise", "pairwise"):
+        raise ValueError(f"mode must be 'kwise' or 'pairwise', not {mode!r}")
+    out_dir = Path(out_dir)
+    rm = new_reward_model(cfg)
+    units = _training_units(comparisons, mode)
+    if not units:
+        raise ValueError("No comparisons to train on (every ranking tied?).")
+    batch_size = cfg.reward.batch_prompts
+    if mode == "pairwise":
+        mean_pairs = np.mean([len(ranked_pairs(r["ranks"])) for r in comparisons])
+        batch_size = max(1, round(cfg.reward.batch_prompts * mean_pairs))
+    steps_per_epoch = math.ceil(len(units) / batch_size)
+    total_steps = steps_per_epoch * cfg.reward.epochs
+    params = [p for p in rm.model.parameters() if p.requires_grad] + list(rm.head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.reward.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, total_steps))
+    rng = random.Random(cfg.seed)
+    history = []
+    started = time.time()
+    rm.model.train()
+    bar = tqdm(total=total_steps, desc=f"reward model ({mode})", disable=not progress)
+    step = 0
+    for _epoch in range(cfg.reward.epochs):
+        order = list(range(len(units)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            batch = [units[i] for i in order[start : start + batch_size]]
+            loss = torch.zeros((), device=rm.head.linear.weight.device)
+            n_pairs = 0
+            if mode == "kwise":
+                for prompt, completions, ranks in batch:
+                    scores = rm.raw_scores([prompt] * len(completions), completions)
+                    loss = loss + kwise_loss(scores, ranks) / len(batch)
+                    n_pairs += len(ranked_pairs(ranks))
+            else:
+                prompts = [p for p, c, _ in batch for _ in c]
+                scores = rm.raw_scores(prompts, [text for _, c, _ in batch for text in c]).view(-1, 2)
+                loss = -F.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
+                n_pairs = len(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            history.append({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "pairs": n_pairs})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    rm.model.eval()
+    if demonstrations:
+        prompts, responses = zip(*demonstrations, strict=True)
+        rm.bias = 0.0
+        rm.bias = float(rm.score_texts(list(prompts), list(responses)).mean())
+    rm.model.requires_grad_(False)
+    model_dir = out_dir / ("model" if mode == "kwise" else "model_pairwise")
+    rm.save(model_dir)
+    frame = pd.DataFrame(history)
+    frame.to_csv(out_dir / f"train_history_{mode}.csv", index=False)
+    return RewardTrainResult(model_dir, frame, rm.bias, time.time() - started)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def comparison_predictions(rm: RewardModel, comparisons: Sequence[dict], set_name: str) -> pd.DataFrame:
+    """One row per untied pair: both scores and which one the labeler preferred (saved for recomputation)."""
+    rows = []
+    for row in comparisons:
+        scores = rm.score_texts([row["prompt"]] * len(row["completions"]), list(row["completions"])).tolist()
+        for w, lo in ranked_pairs(row["ranks"]):
+            rows.append(
+                {
+                    "set": set_name,
+                    "prompt_id": row["prompt_id"],
+                    "labeler_id": row["labeler_id"],
+                    "score_chosen": scores[w],
+                    "score_rejected": scores[lo],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def preference_pair_predictions(rm: RewardModel, pairs: Sequence[dict], set_name: str = "hhh") -> pd.DataFrame:
+    """RM scores on human preference pairs (PREFERENCE_PAIR_FEATURES rows)."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = rm.score_texts(prompts, [p["chosen"] for p in pairs]).tolist()
+    rejected = rm.score_texts(prompts, [p["rejected"] for p in pairs]).tolist()
+    return pd.DataFrame(
+        {
+            "set": [f"{set_name}/{p['subset']}" for p in pairs],
+            "prompt_id": [p["id"] for p in pairs],
+            "labeler_id": "human",
+            "score_chosen": chosen,
+            "score_rejected": rejected,
+        }
+    )
+
+
+def pairwise_accuracy(predictions: pd.DataFrame) -> float:
+    """Share of pairs where the preferred completion scores higher (a tie counts half)."""
+    diff = predictions["score_chosen"] - predictions["score_rejected"]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def calibration_table(predictions: pd.DataFrame, bins: int = 8) -> pd.DataFrame:
+    """Predicted P(chosen > rejected) = sigmoid(score difference) vs how often it really was, by bin."""
+    diff = (predictions["score_chosen"] - predictions["score_rejected"]).to_numpy()
+    # Each pair appears once with its sign chosen at random so both halves of the curve are populated.
+    rng = np.random.default_rng(0)
+    flip = rng.random(len(diff)) < 0.5
+    signed = np.where(flip, -diff, diff)
+    outcome = np.where(flip, 0.0, 1.0)
+    predicted = 1 / (1 + np.exp(-signed))
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(predicted, edges) - 1, 0, bins - 1)
+    frame = pd.DataFrame({"bin": which, "predicted": predicted, "observed": outcome})
+    table = frame.groupby("bin").agg(predicted=("predicted", "mean"), observed=("observed", "mean"), n=("observed", "size"))
+    return table.reset_index(drop=True)

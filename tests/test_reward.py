@@ -1,0 +1,90 @@
+"""The reward model: the paper's K-wise loss, where gradients flow, the demo-mean-0 bias, the ablation."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_lib.config import load_preset
+from rlhf_lib.reward import (
+    RewardModel,
+    calibration_table,
+    comparison_predictions,
+    kwise_loss,
+    new_reward_model,
+    pairwise_accuracy,
+    ranked_pairs,
+    train_reward_model,
+)
+
+
+def test_kwise_loss_equals_mean_pairwise_loss_by_hand():
+    scores = torch.tensor([2.0, 0.5, -1.0, 0.0])
+    ranks = [0, 2, 3, 1]  # best: 0, then 3, then 1, then 2
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    by_hand = [(0, 1), (0, 2), (0, 3), (1, 2), (3, 1), (3, 2)]  # all C(4,2) = 6 (winner, loser)
+    expected = -sum(math.log(sigmoid(scores[w].item() - scores[lo].item())) for w, lo in by_hand) / 6
+    assert sorted(ranked_pairs(ranks)) == sorted(by_hand)
+    assert kwise_loss(scores, ranks).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ties_are_dropped_and_carry_no_gradient():
+    scores = torch.tensor([1.0, 1.0, 0.0], requires_grad=True)
+    ranks = [0, 0, 1]  # 0 and 1 tied; both beat 2
+    assert ranked_pairs(ranks) == [(0, 2), (1, 2)]
+    kwise_loss(scores, ranks).backward()
+    assert scores.grad[0] < 0 and scores.grad[1] < 0 and scores.grad[2] > 0
+    all_tied = torch.tensor([0.3, 0.3], requires_grad=True)
+    kwise_loss(all_tied, [0, 0]).backward()
+    assert torch.count_nonzero(all_tied.grad) == 0
+
+
+def test_gradient_reaches_only_lora_and_head():
+    cfg = load_preset("micro")
+    rm = new_reward_model(cfg)
+    scores = rm.raw_scores(["Pick a fruit."] * 3, ["Apple.", "A rock.", "Banana."])
+    kwise_loss(scores, [0, 2, 1]).backward()
+    assert rm.head.linear.weight.grad is not None and rm.head.linear.weight.grad.abs().sum() > 0
+    for name, param in rm.model.named_parameters():
+        if "lora_" in name:
+            assert param.requires_grad
+        else:
+            assert not param.requires_grad and param.grad is None, name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in rm.model.named_parameters() if "lora_B" in n)
+
+
+def _toy_comparisons(n_prompts=6):
+    # The preferred completions are polite; the dispreferred ones are rude. Learnable by a micro RM.
+    rows = []
+    good = ["Thank you, here is a kind answer.", "Sure, happy to help you."]
+    bad = ["No. Go away.", "Whatever, idiot."]
+    for i in range(n_prompts):
+        completions = [good[i % 2], bad[i % 2], good[(i + 1) % 2], bad[(i + 1) % 2]]
+        rows.append({"prompt_id": f"p{i}", "prompt": f"Question number {i}?", "completions": completions,
+                     "ranks": [0, 2, 1, 3], "labeler_id": "L0"})
+    return rows
+
+
+def test_training_lowers_loss_sets_demo_bias_and_roundtrips(tmp_path):
+    cfg = load_preset("micro", {"reward.epochs": 6, "reward.learning_rate": 3e-3, "reward.batch_prompts": 2})
+    demos = [("Question number 1?", "Thank you, here is a kind answer."), ("Hi?", "Sure, happy to help you.")]
+    result = train_reward_model(cfg, _toy_comparisons(), tmp_path, demonstrations=demos, progress=False)
+    losses = result.history["loss"].to_numpy()
+    assert losses[-3:].mean() < losses[:3].mean()
+    rm = RewardModel.load(result.model_dir)
+    demo_scores = rm.score_texts([p for p, _ in demos], [r for _, r in demos])
+    assert demo_scores.mean().item() == pytest.approx(0.0, abs=1e-4)  # the paper's normalisation
+    predictions = comparison_predictions(rm, _toy_comparisons(), "train")
+    assert len(predictions) == 6 * 6 and pairwise_accuracy(predictions) > 0.6
+    table = calibration_table(predictions)
+    assert table["n"].sum() == len(predictions)
+
+
+def test_pairwise_ablation_sees_the_same_pairs(tmp_path):
+    cfg = load_preset("micro", {"reward.batch_prompts": 2})
+    result = train_reward_model(cfg, _toy_comparisons(4), tmp_path, mode="pairwise", progress=False)
+    assert result.history["pairs"].sum() == 4 * 6
+    assert result.model_dir.name == "model_pairwise"
+    kwise = train_reward_model(cfg, _toy_comparisons(4), tmp_path, mode="kwise", progress=False)
+    assert kwise.history["pairs"].sum() == 4 * 6
+    assert len(kwise.history) < len(result.history) or len(kwise.history) == 2  # 2 prompts per step
