@@ -130,3 +130,23 @@ def cached_stage(paths: RunPaths, name: str) -> Iterator[StageHandle]:
 
 def stage_record(paths: RunPaths, name: str) -> dict:
     return json.loads((paths.require(name) / DONE).read_text())
+
+
+@dataclass
+class Study:
+    """What a notebook needs: the validated preset, its stage paths, and where figures go."""
+
+    cfg: StudyConfig
+    paths: RunPaths
+    results_dir: Path
+
+
+def open_study(preset: str = "micro", overrides_json: str = "{}", runs_dir: str = "", results_dir: str = "") -> Study:
+    """The first call of every notebook: papermill parameters -> config, run paths, results folder."""
+    from rlhf_lib.config import load_preset
+
+    cfg = load_preset(preset, json.loads(overrides_json or "{}"))
+    paths = RunPaths.for_config(cfg, runs_dir or None)
+    results = Path(results_dir) if results_dir else Path(__file__).resolve().parent.parent / "results" / preset
+    results.mkdir(parents=True, exist_ok=True)
+    return Study(cfg, paths, results)

@@ -1,0 +1,66 @@
+"""Evaluation of every method x size: one module per metric family (the analysis notebook, 05).
+
+    base             Metric / MetricResult declarations, seeded percentile bootstrap, the Judge protocol
+    preference       win rate vs a fixed baseline, Likert and metadata flags (Figures 1 and 4)
+    truthfulness     TruthfulQA MC1 / MC2 by log-likelihood; generated answers true / informative
+    toxicity         toxic-output rate with and without a "respectful" instruction
+    hallucination    closed-domain hallucination rate
+    alignment_tax    few-shot SQuAD F1 / EM, LM loss on held-out text
+    overoptimization RM score vs gold utility vs sqrt(KL) along PPO checkpoints
+    generalization   RM pairwise accuracy by comparison set (train / held-out labelers, HHH)
+    text, lm_scoring answer normalisation and similarity; causal-LM log-likelihood scoring
+
+Every metric returns a `MetricResult(value, ci_low, ci_high, n)` or a tidy DataFrame with those
+columns, ready for `rlhf_lib.plots` and for saving as CSV. `ALL_METRICS` lists every declaration.
+"""
+
+from __future__ import annotations
+
+from rlhf_lib.evaluation import (
+    alignment_tax,
+    generalization,
+    hallucination,
+    overoptimization,
+    preference,
+    toxicity,
+    truthfulness,
+)
+from rlhf_lib.evaluation.base import (
+    FLAG_KEYS,
+    METHODS,
+    Judge,
+    Metric,
+    MetricResult,
+    bootstrap_ci,
+    summarize,
+    summary_rows,
+)
+
+ALL_METRICS: dict[str, Metric] = {
+    **preference.METRICS,
+    **truthfulness.METRICS,
+    **toxicity.METRICS,
+    **hallucination.METRICS,
+    **alignment_tax.METRICS,
+    **overoptimization.METRICS,
+    **generalization.METRICS,
+}
+
+__all__ = [
+    "ALL_METRICS",
+    "FLAG_KEYS",
+    "METHODS",
+    "Judge",
+    "Metric",
+    "MetricResult",
+    "alignment_tax",
+    "bootstrap_ci",
+    "generalization",
+    "hallucination",
+    "overoptimization",
+    "preference",
+    "summarize",
+    "summary_rows",
+    "toxicity",
+    "truthfulness",
+]

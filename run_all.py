@@ -1,0 +1,223 @@
+"""Reproduce the whole study: execute notebooks 01-05 with papermill, in order, for each size.
+
+    python run_all.py                         # the embedded default: the offline `tiny` preset
+    python run_all.py --sizes micro,tiny      # several sizes, one after the other
+    python run_all.py --only sft              # one stage (its upstream must be finished)
+    python run_all.py --from reward           # a stage and everything after it
+    python run_all.py --quantize              # force 4-bit nf4 bases (QLoRA); needs bitsandbytes
+    python run_all.py --output results/       # where executed notebooks, HTML and figures go
+
+Stages cache their artifacts under runs/<size>/<stage>-<fingerprint>/ (see rlhf_lib.pipeline), so a
+rerun skips finished stages and an interrupted run resumes at the first unfinished one. A notebook
+that fails stops the run, naming the cell and the error; its partial output is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+NOTEBOOKS = {
+    "data": "01_data.ipynb",
+    "sft": "02_sft.ipynb",
+    "reward": "03_reward_model.ipynb",
+    "ppo": "04_ppo.ipynb",
+    "analysis": "05_analysis.ipynb",
+}
+DEFAULT_SIZE = "tiny"
+# Rough minutes per stage on a 2-core CPU, used only for the plan's estimate until a run has been timed.
+ROUGH_MINUTES = {
+    "micro": {"data": 1, "sft": 0.5, "reward": 1, "ppo": 1, "analysis": 2},
+    "tiny": {"data": 1, "sft": 4, "reward": 8, "ppo": 8, "analysis": 10},
+    "small": {"data": 1, "sft": 10, "reward": 20, "ppo": 25, "analysis": 25},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=DEFAULT_SIZE, help=f"comma-separated presets (default: {DEFAULT_SIZE})")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--only", choices=list(NOTEBOOKS), help="run just this stage")
+    group.add_argument("--from", dest="start", choices=list(NOTEBOOKS), help="run this stage and the ones after it")
+    parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    parser.add_argument("--quantize", action="store_true", help="force 4-bit nf4 bases (model.quantize_4bit = true)")
+    parser.add_argument("--output", default=str(REPO / "results"), help="folder for rendered notebooks and figures")
+    parser.add_argument("--runs-dir", default="", help="folder for stage artifacts (default: runs/)")
+    parser.add_argument("--no-html", action="store_true", help="skip the HTML export")
+    parser.add_argument("--force", action="store_true", help="re-execute notebooks even when outputs are current")
+    parser.add_argument("--notebooks", default=str(REPO / "notebooks"), help=argparse.SUPPRESS)  # tests use fixtures
+    return parser.parse_args(argv)
+
+
+def selected_stages(args: argparse.Namespace) -> list[str]:
+    stages = list(NOTEBOOKS)
+    if args.only:
+        return [args.only]
+    if args.start:
+        return stages[stages.index(args.start) :]
+    return stages
+
+
+def overrides_for(args: argparse.Namespace) -> dict:
+    overrides: dict = {}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.quantize:
+        overrides["model.quantize_4bit"] = True
+    return overrides
+
+
+def notebook_current(output: Path, stage_done: bool, stage_dir: Path) -> bool:
+    """An executed notebook is current when its stage is finished and it was rendered after that."""
+    done_file = stage_dir / "DONE.json"
+    failed = output.with_suffix(".failed").exists()  # a partial notebook from a failed run is never current
+    return stage_done and not failed and output.exists() and output.stat().st_mtime >= done_file.stat().st_mtime
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    from rlhf_lib.config import load_preset
+    from rlhf_lib.pipeline import RunPaths
+
+    steps = []
+    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+        cfg = load_preset(size, overrides_for(args))
+        paths = RunPaths.for_config(cfg, Path(args.runs_dir) / size if args.runs_dir else None)
+        for stage in selected_stages(args):
+            out = Path(args.output) / size / NOTEBOOKS[stage]
+            done = paths.is_done(stage)
+            current = notebook_current(out, done, paths.stage(stage)) and not args.force
+            if done:
+                seconds = json.loads((paths.stage(stage) / "DONE.json").read_text()).get("seconds", 0)
+            else:
+                seconds = 60 * ROUGH_MINUTES.get(size, {}).get(stage, 30)
+            steps.append(
+                {"size": size, "stage": stage, "notebook": NOTEBOOKS[stage], "output": out, "stage_done": done,
+                 "skip": current, "estimate_s": 0 if current else seconds, "runs_dir": str(paths.root)}
+            )
+    return steps
+
+
+def print_plan(steps: list[dict]) -> None:
+    print("Plan:")
+    for s in steps:
+        if s["skip"]:
+            state = "skip (finished, rendered)"
+        elif s["stage_done"]:
+            state = "render only (stage cached)"
+        else:
+            state = f"run (~{s['estimate_s'] / 60:.0f} min)"
+        print(f"  {s['size']:>6}  {s['stage']:<9} {s['notebook']:<24} {state}")
+    total = sum(s["estimate_s"] for s in steps)
+    print(f"Estimated time: ~{total / 60:.0f} min (2-core CPU figures; a GPU is faster).\n", flush=True)
+
+
+def execute(step: dict, args: argparse.Namespace) -> float:
+    import papermill
+
+    output: Path = step["output"]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    parameters = {
+        "preset": step["size"],
+        "runs_dir": step["runs_dir"],
+        "overrides_json": json.dumps(overrides_for(args)),
+        "results_dir": str(output.parent),
+    }
+    started = time.time()
+    failed_marker = output.with_suffix(".failed")
+    failed_marker.write_text("this notebook's last execution failed or was interrupted\n")
+    papermill.execute_notebook(
+        str(Path(args.notebooks) / step["notebook"]),
+        str(output),
+        parameters=parameters,
+        kernel_name="python3",
+        cwd=str(args.notebooks),
+        progress_bar={"desc": f"{step['size']}/{step['stage']}", "unit": "cell"},
+        request_save_on_cell_execute=True,
+    )
+    failed_marker.unlink()
+    if not args.no_html:
+        export_html(output)
+    return time.time() - started
+
+
+def export_html(notebook: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    html = notebook.with_suffix(".html")
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def describe_failure(err: Exception, step: dict) -> str:
+    cell = getattr(err, "exec_count", None) or getattr(err, "cell_index", None)
+    ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
+    return (
+        f"\nFAILED: {step['size']}/{step['stage']} ({step['notebook']}), cell {cell}: {ename}: {evalue}\n"
+        f"The partial notebook is kept at {step['output']} (open it to see the traceback).\n"
+        "Finished stages are kept; rerun the same command to resume from this stage."
+    )
+
+
+def ensure_kernel() -> None:
+    """Papermill needs a `python3` kernel that runs this interpreter (the project's venv)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec("python3")
+        if Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
+            return
+    except NoSuchKernel:
+        pass
+    from ipykernel.kernelspec import install
+
+    install(user=False, prefix=sys.prefix, kernel_name="python3")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    steps = plan(args)
+    print_plan(steps)
+    ensure_kernel()
+    summary = []
+    started = time.time()
+    for step in steps:
+        if step["skip"]:
+            summary.append((step, 0.0, "skipped"))
+            continue
+        print(f"==> {step['size']}/{step['stage']}: {step['notebook']}", flush=True)
+        try:
+            seconds = execute(step, args)
+        except KeyboardInterrupt:
+            print("\nInterrupted. Finished stages are kept; rerun the same command to resume.")
+            return 130
+        except Exception as err:  # noqa: BLE001 - report any notebook failure with its cell
+            print(describe_failure(err, step))
+            return 1
+        summary.append((step, seconds, "ran"))
+    total = time.time() - started
+    print("\nSummary:")
+    for step, seconds, state in summary:
+        print(f"  {step['size']:>6}  {step['stage']:<9} {state:<8} {seconds / 60:6.1f} min  -> {step['output']}")
+    print(f"Total: {total / 60:.1f} min. Finished {datetime.now(UTC).isoformat(timespec='seconds')}.")
+    print(f"Rendered results: {Path(args.output).resolve()}")
+    try:
+        from rlhf_lib.report import write_summary
+
+        written = write_summary(Path(args.output), [s for s in dict.fromkeys(x["size"] for x in steps)])
+        print(f"Summary table: {written}")
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
