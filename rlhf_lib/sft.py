@@ -22,6 +22,7 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +199,16 @@ def load_policy(adapter_dir: Path | str, adapter_name: str = "default", trainabl
     return model, tokenizer
 
 
+@contextmanager
+def base_weights(model, cfg: StudyConfig):
+    """The pretrained base: the same weights with the adapter switched off, or a fresh load after full SFT."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield models.load_from_preset(cfg)
+
+
 def loss_curves(history: pd.DataFrame) -> pd.DataFrame:
     """Long table (step, epoch, split, loss) of train and validation loss for plotting."""
     train = history.dropna(subset=["loss"])[["step", "epoch", "loss"]].assign(split="train")
@@ -206,3 +217,56 @@ def loss_curves(history: pd.DataFrame) -> pd.DataFrame:
         val = history.dropna(subset=["eval_loss"])[["step", "epoch", "eval_loss"]].rename(columns={"eval_loss": "loss"})
         parts.append(val.assign(split="validation"))
     return pd.concat(parts, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage (notebook 02 and run_all)
+# --------------------------------------------------------------------------------------------
+
+
+def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
+    """Train both SFT products and sample base vs SFT on held-out prompts; cached per fingerprint.
+
+    Writes policy/ (the SFT model), ppo_init/ (the PPO initialisation), log_history_*.csv and
+    samples.csv (greedy responses of base and SFT to the same eval prompts).
+    """
+    from rlhf_lib.data.study import StudyData
+    from rlhf_lib.generation import sample_texts
+    from rlhf_lib.pipeline import cached_stage
+
+    data = StudyData.load(paths.require("data") / "study")
+    with cached_stage(paths, "sft") as stage:
+        if not stage.done:
+            demos = [(r["prompt"], r["reference"]) for r in data.split("sft")]
+            n_val = max(1, round(len(demos) * cfg.data.validation_fraction)) if len(demos) > 1 else 0
+            validation, train = demos[:n_val], demos[n_val:]
+            policy = train_sft(cfg, train, validation, stage.dir / "policy_run", progress=progress)
+            shutil.move(str(policy.adapter_dir), stage.dir / "policy")
+            policy.log_history.to_csv(stage.dir / "log_history_policy.csv", index=False)
+            pretrain = list(data.pretrain["text"])
+            init = train_sft(
+                cfg, train, [], stage.dir / "ppo_init_run", epochs=cfg.sft.ppo_init_epochs,
+                pretrain_texts=pretrain, pretrain_mix=cfg.sft.ppo_init_pretrain_mix, progress=progress,
+            )
+            shutil.move(str(init.adapter_dir), stage.dir / "ppo_init")
+            init.log_history.to_csv(stage.dir / "log_history_ppo_init.csv", index=False)
+            for run in ("policy_run", "ppo_init_run"):
+                shutil.rmtree(stage.dir / run, ignore_errors=True)
+
+            eval_rows = list(data.split("eval"))[: cfg.generation.batch_size]
+            model, tokenizer = load_policy(stage.dir / "policy")
+            texts = [format_prompt(tokenizer, r["prompt"]) for r in eval_rows]
+            kwargs = dict(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0,
+                          batch_size=cfg.generation.batch_size, progress=progress)
+            sft_out = sample_texts(model, tokenizer, texts, desc="SFT samples", **kwargs)
+            with base_weights(model, cfg) as base:
+                base_out = sample_texts(base, tokenizer, texts, desc="base samples", **kwargs)
+            pd.DataFrame(
+                {"prompt_id": [r["id"] for r in eval_rows], "category": [r["category"] for r in eval_rows],
+                 "prompt": [r["prompt"] for r in eval_rows], "reference": [r["reference"] for r in eval_rows],
+                 "base": base_out, "sft": sft_out}
+            ).to_csv(stage.dir / "samples.csv", index=False)
+            (stage.dir / "timing.json").write_text(
+                json.dumps({"policy_seconds": policy.seconds, "ppo_init_seconds": init.seconds}, indent=1)
+            )
+    return paths.stage("sft")
