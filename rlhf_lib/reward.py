@@ -325,3 +325,88 @@ def calibration_table(predictions: pd.DataFrame, bins: int = 8) -> pd.DataFrame:
     frame = pd.DataFrame({"bin": which, "predicted": predicted, "observed": outcome})
     table = frame.groupby("bin").agg(predicted=("predicted", "mean"), observed=("observed", "mean"), n=("observed", "size"))
     return table.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage (notebook 03 and run_all)
+# --------------------------------------------------------------------------------------------
+
+
+def run_reward_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
+    """Collect K-wise comparisons, calibrate the labelers, train the RM (and the pairwise ablation),
+    and save every prediction needed to recompute its accuracies. Cached per fingerprint.
+
+    An interrupted run keeps its sampled completions and labels in runs/<preset>/work-reward-<fp>/.
+    """
+    from rlhf_lib import labelers as lab
+    from rlhf_lib.comparisons import sample_k_completions
+    from rlhf_lib.data.study import StudyData
+    from rlhf_lib.pipeline import cached_stage
+
+    data = StudyData.load(paths.require("data") / "study")
+    sft_dir = paths.require("sft")
+    work = paths.root / f"work-reward-{cfg.fingerprint('reward')}"
+    with cached_stage(paths, "reward") as stage:
+        if not stage.done:
+            rows = [dict(r) for r in data.split("rm")]
+            completions, sources = sample_k_completions(cfg, sft_dir / "policy", rows, work / "completions.json", progress)
+
+            # Labelers: calibrate the shared noise on these real samples, then measure agreement.
+            train_pop = lab.make_population(cfg.labelers, "train", seed=cfg.seed)
+            heldout_pop = lab.make_population(cfg.labelers, "heldout", seed=cfg.seed)
+            sigma, _ = lab.calibrate_noise(train_pop, rows, completions, target=cfg.labelers.target_agreement, seed=cfg.seed)
+            train_pop, heldout_pop = lab.with_noise(train_pop, sigma), lab.with_noise(heldout_pop, sigma)
+            report = lab.agreement(train_pop + heldout_pop, rows, completions, seed=cfg.seed + 1)
+            agreement_rows = pd.DataFrame(report.to_rows()).assign(noise_scale=sigma)
+            agreement_rows.to_csv(stage.dir / "agreement.csv", index=False)
+
+            # Held-out prompts: never trained on; ranked by training AND by held-out labelers.
+            order = list(range(len(rows)))
+            random.Random(cfg.seed).shuffle(order)
+            n_held = max(1, round(len(rows) * cfg.reward.heldout_fraction))
+            held, trained = sorted(order[:n_held]), sorted(order[n_held:])
+
+            def label(indices, population, name):
+                return list(
+                    lab.label_comparisons(
+                        [rows[i] for i in indices], [completions[i] for i in indices], [sources[i] for i in indices],
+                        population, seed=cfg.seed, out_path=work / f"{name}.jsonl", progress=progress,
+                    )
+                )
+
+            train_cmp = label(trained, train_pop, "train_prompts_train_labelers")
+            held_by_train = label(held, train_pop, "heldout_prompts_train_labelers")
+            held_by_heldout = label(held, heldout_pop, "heldout_prompts_heldout_labelers")
+            for name, table in (("comparisons_train.jsonl", train_cmp), ("comparisons_heldout_trainlabelers.jsonl", held_by_train),
+                                ("comparisons_heldout_heldoutlabelers.jsonl", held_by_heldout)):
+                pd.DataFrame(table).to_json(stage.dir / name, orient="records", lines=True)
+
+            demos = [(r["prompt"], r["reference"]) for r in data.split("sft")]
+            results = {}
+            for mode in ("kwise", "pairwise"):
+                results[mode] = train_reward_model(cfg, train_cmp, stage.dir, demonstrations=demos, mode=mode, progress=progress)
+
+            predictions = []
+            hhh = list(data.hhh_pairs)
+            for mode, result in results.items():
+                rm = RewardModel.load(result.model_dir)
+                parts = [
+                    comparison_predictions(rm, train_cmp, "train prompts / training labelers"),
+                    comparison_predictions(rm, held_by_train, "held-out prompts / training labelers"),
+                    comparison_predictions(rm, held_by_heldout, "held-out prompts / held-out labelers"),
+                    preference_pair_predictions(rm, hhh, "HHH human pairs"),
+                ]
+                predictions.append(pd.concat(parts, ignore_index=True).assign(mode=mode))
+                del rm
+            pd.concat(predictions, ignore_index=True).to_csv(stage.dir / "predictions.csv", index=False)
+            (stage.dir / "timing.json").write_text(
+                json.dumps({mode: r.seconds for mode, r in results.items()} | {"bias": results["kwise"].bias}, indent=1)
+            )
+    return paths.stage("reward")
+
+
+def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy with bootstrap 95% intervals per (mode, set), from saved predictions."""
+    from rlhf_lib.evaluation.generalization import rm_accuracy_table
+
+    return rm_accuracy_table(predictions, by=("mode", "set"))
