@@ -501,9 +501,21 @@ def hidden_size_of(model: nn.Module) -> int:
     return text_config.hidden_size
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens only, so left padding does not shift a sequence."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def scalar_outputs(model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-position scalars [batch, seq] from a causal LM's last hidden layer and a ScalarHead."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=True,
+        use_cache=False,
+        logits_to_keep=1,  # only the hidden states are needed; skip the LM head over every position
+    )
     hidden = out.hidden_states[-1]
     return head(hidden.to(head.linear.weight.dtype))
 

@@ -88,3 +88,14 @@ def test_pairwise_ablation_sees_the_same_pairs(tmp_path):
     kwise = train_reward_model(cfg, _toy_comparisons(4), tmp_path, mode="kwise", progress=False)
     assert kwise.history["pairs"].sum() == 4 * 6
     assert len(kwise.history) < len(result.history) or len(kwise.history) == 2  # 2 prompts per step
+
+
+def test_score_does_not_depend_on_padding():
+    cfg = load_preset("micro")
+    rm = new_reward_model(cfg)
+    rm.model.eval()
+    with torch.no_grad():
+        alone = rm.raw_scores(["Hi?"], ["Hello."])
+        padded = rm.raw_scores(["Hi?", "A much longer prompt that forces left padding of the first row?"],
+                               ["Hello.", "A long answer with many more tokens than the first one has."])
+    assert torch.allclose(alone[0], padded[0], atol=1e-4)
