@@ -109,7 +109,9 @@ class SFTConfig:
 class LabelerConfig:
     train_labelers: int = _knob(8, "Size of the training-labeler population.", low=2)
     heldout_labelers: int = _knob(4, "Size of the held-out labeler population.", low=2)
-    noise_scale: float = _knob(0.5, "Thurstone noise std on utilities; calibrated so training labelers agree ~73%.", low=0.0)
+    noise_scale: float = _knob(
+        0.17, "Thurstone noise std on utilities before calibration; the RM stage recalibrates it on its samples.", low=0.0
+    )
     target_agreement: float = _knob(0.726, "Inter-labeler agreement to calibrate to (paper 72.6 +- 1.5%).", low=0.5, high=1.0)
     k_min: int = _knob(4, "Fewest completions ranked per prompt (paper 4).", low=2, high=9)
     k_max: int = _knob(9, "Most completions ranked per prompt (paper 9).", low=2, high=9)
@@ -143,7 +145,9 @@ class PPOConfig:
     value_loss_coef: float = _knob(0.1, "Weight of the value loss.", low=0.0)
     max_grad_norm: float = _knob(1.0, "Gradient-norm clip.", low=0.0)
     missing_eos_penalty: float = _knob(1.0, "Subtracted from the RM score when a response has no EOS.", low=0.0)
-    ptx_coef: float = _knob(0.0, "PPO-ptx gamma: weight of the pretraining LM loss (paper 27.8; 0 = plain PPO).", low=0.0)
+    ptx_coef: float = _knob(
+        27.8, "PPO-ptx gamma: weight of the pretraining LM loss in the PPO-ptx run (paper 27.8); plain PPO uses 0.", low=0.0
+    )
     ptx_batch: int = _knob(4, "Pretraining sequences per gradient step for PPO-ptx.", low=1)
     ema_decay: float = _knob(0.0, "EMA of policy weights (paper 0.992; 0 = off).", low=0.0, high=1.0)
     max_kl: float = _knob(50.0, "Divergence guard: stop if mean sequence KL exceeds this.", low=0.0)

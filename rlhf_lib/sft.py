@@ -190,7 +190,7 @@ def load_policy(adapter_dir: Path | str, adapter_name: str = "default", trainabl
     adapter_dir = Path(adapter_dir)
     meta = json.loads((adapter_dir / META).read_text())
     tokenizer = models.load_tokenizer(meta["base_model"])
-    if meta["finetune"] == "full":
+    if meta.get("finetune", "lora") == "full":
         model = models.load_causal_lm(str(adapter_dir))
         model.requires_grad_(trainable)
         return model, tokenizer
