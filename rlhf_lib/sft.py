@@ -230,6 +230,7 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
     Writes policy/ (the SFT model), ppo_init/ (the PPO initialisation), log_history_*.csv and
     samples.csv (greedy responses of base and SFT to the same eval prompts).
     """
+    from rlhf_lib.data.splits import validation_split
     from rlhf_lib.data.study import StudyData
     from rlhf_lib.generation import sample_texts
     from rlhf_lib.pipeline import cached_stage
@@ -237,9 +238,11 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
     data = StudyData.load(paths.require("data") / "study")
     with cached_stage(paths, "sft") as stage:
         if not stage.done:
-            demos = [(r["prompt"], r["reference"]) for r in data.split("sft")]
-            n_val = max(1, round(len(demos) * cfg.data.validation_fraction)) if len(demos) > 1 else 0
-            validation, train = demos[:n_val], demos[n_val:]
+            rows = list(data.split("sft"))
+            # Near-duplicates (e.g. two questions on one passage) stay on one side of the split.
+            train_idx, val_idx = validation_split(rows, cfg.data.validation_fraction, cfg.data.near_duplicate_prefix_chars, cfg.seed)
+            train = [(rows[i]["prompt"], rows[i]["reference"]) for i in train_idx]
+            validation = [(rows[i]["prompt"], rows[i]["reference"]) for i in val_idx]
             policy = train_sft(cfg, train, validation, stage.dir / "policy_run", progress=progress)
             shutil.move(str(policy.adapter_dir), stage.dir / "policy")
             policy.log_history.to_csv(stage.dir / "log_history_policy.csv", index=False)
