@@ -158,11 +158,29 @@ class PPOConfig:
 @dataclass
 class EvalConfig:
     bootstrap_samples: int = _knob(1000, "Bootstrap resamples for 95% intervals.", low=10)
-    best_of_n: int = _knob(4, "n for best-of-n sampling against the RM.", low=1)
+    best_of_n: int = _knob(
+        4, "n for best-of-n against the RM: n SFT samples at generation.temperature, the RM's favourite kept.", low=1
+    )
     few_shot_examples: int = _knob(2, "Shots in the few-shot prompts (GPT prompted, SQuAD).", low=0)
+    temperature: float = _knob(
+        0.0, "Decoding temperature of evaluation outputs: 0 = greedy (deterministic, the default); > 0 samples, seeded.",
+        low=0.0, high=5.0,
+    )
+    max_items: int = _knob(
+        0, "Cap on items per benchmark in the analysis (TruthfulQA questions, toxicity prompts, SQuAD questions, "
+        "held-out documents) to bound CPU time; 0 = all that the data stage provides.", low=0,
+    )
+    probe_max_new_tokens: int = _knob(
+        0, "New tokens for TruthfulQA answers and toxicity continuations; 0 = generation.max_new_tokens.", low=0
+    )
     dpo_beta: float = _knob(0.1, "DPO beta.", low=0.0)
     dpo_epochs: int = _knob(1, "DPO epochs over the RM comparisons.", low=1)
     dpo_learning_rate: float = _knob(5e-5, "DPO learning rate.", low=0.0, high=1.0)
+    dpo_pairs_per_prompt: int = _knob(
+        1, "DPO pairs per ranked prompt: best vs worst first, then the next widest rank gaps (CPU cost bound).",
+        low=1, high=36,
+    )
+    dpo_batch_size: int = _knob(4, "Preference pairs per DPO optimizer step.", low=1)
 
 
 @dataclass

@@ -1,0 +1,221 @@
+"""results/SUMMARY.md: the headline numbers of every size, beside the paper's, with how they were made.
+
+Reads `<results_dir>/<size>/metrics.json`, which notebook 05 copies there from the analysis stage
+(`rlhf_lib.analysis.export_results`); run_all.py calls `write_summary` after the last notebook::
+
+    from rlhf_lib.report import headline_table, paper_comparison, write_summary
+    path = write_summary(Path("results"), ["micro", "tiny"])       # results/SUMMARY.md
+    headline_table(metrics)                                         # one size: methods x headline numbers
+    paper_comparison({"tiny": metrics})                             # the paper's numbers beside ours
+
+Rates are shown in percent as `value [95% interval]`. The paper's InstructGPT is PPO-ptx; where PPO-ptx
+did not run, PPO stands in and the table says so. The paper's numbers are for 175B policies and a 6B
+RM, trained on tens of thousands of human comparisons; ours are for the preset's model and simulated
+labelers, so the comparison is about direction and rough size, not about matching digits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# (key in metrics.json "methods", column label, percent?)
+HEADLINE_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("win_rate_vs_SFT", "win rate vs SFT", True),
+    ("win_rate_vs_GPT", "win rate vs GPT", True),
+    ("likert", "Likert (1-7)", False),
+    ("hallucination_rate", "hallucination (closed domain)", True),
+    ("truthfulqa_mc1", "TruthfulQA MC1", True),
+    ("truthfulqa_true_informative", "TruthfulQA true & informative", True),
+    ("toxic_rate_plain", "toxic (plain)", True),
+    ("toxic_rate_respectful", "toxic (respectful)", True),
+    ("squad_f1", "SQuAD F1 (few-shot)", True),
+    ("lm_nll", "LM loss [nats]", False),
+)
+METHOD_ORDER = ("GPT", "GPT prompted", "SFT", "PPO", "PPO-ptx", "best-of-n", "DPO")
+SUMMARY_FILE = "SUMMARY.md"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def format_result(result: Mapping[str, Any] | None, percent: bool = True, digits: int | None = None) -> str:
+    """`62.5 [50.0, 75.0]` (percent) or `4.12 [3.90, 4.31]`; `n/a` when absent."""
+    if not result or not _finite(result.get("value")):
+        return "n/a"
+    scale = 100.0 if percent else 1.0
+    digits = (1 if percent else 2) if digits is None else digits
+    text = f"{result['value'] * scale:.{digits}f}"
+    if _finite(result.get("ci_low")) and _finite(result.get("ci_high")):
+        text += f" [{result['ci_low'] * scale:.{digits}f}, {result['ci_high'] * scale:.{digits}f}]"
+    return text
+
+
+def headline_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """One size: a row per evaluated method, a column per headline number (formatted strings)."""
+    by_method = metrics.get("methods", {})
+    methods = [m for m in METHOD_ORDER if m in by_method] + [m for m in by_method if m not in METHOD_ORDER]
+    rows = []
+    for method in methods:
+        values = by_method[method]
+        rows.append({"method": method, **{label: format_result(values.get(key), percent)
+                                          for key, label, percent in HEADLINE_COLUMNS}})
+    return pd.DataFrame(rows, columns=["method", *[label for _, label, _ in HEADLINE_COLUMNS]]).set_index("method")
+
+
+def _value(metrics: Mapping[str, Any], method: str, key: str) -> float | None:
+    result = metrics.get("methods", {}).get(method, {}).get(key)
+    return float(result["value"]) if result and _finite(result.get("value")) else None
+
+
+def _instruct(metrics: Mapping[str, Any]) -> tuple[str | None, str]:
+    """Which of our methods stands in for the paper's InstructGPT (PPO-ptx, else PPO)."""
+    methods = metrics.get("methods", {})
+    if "PPO-ptx" in methods:
+        return "PPO-ptx", "PPO-ptx"
+    if "PPO" in methods:
+        return "PPO", "PPO (PPO-ptx missing)"
+    return None, "n/a (no PPO run)"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _ours(metrics: Mapping[str, Any]) -> list[str]:
+    """Our number for each row of PAPER_ROWS, as text."""
+    method, label = _instruct(metrics)
+    methods = metrics.get("methods", {})
+
+    def ours(key: str) -> float | None:
+        return _value(metrics, method, key) if method else None
+
+    def gpt(key: str) -> float | None:
+        return _value(metrics, "GPT", key)
+
+    out = []
+    for baseline in ("GPT", "GPT_prompted"):
+        result = methods.get(method, {}).get(f"win_rate_vs_{baseline}") if method else None
+        out.append(f"{format_result(result)} ({label} vs {baseline.replace('_', ' ')})" if method else label)
+    out.append(f"{_pct(ours('hallucination_rate'))} vs {_pct(gpt('hallucination_rate'))} ({label} vs GPT)")
+    mine, base = ours("truthfulqa_true_informative"), gpt("truthfulqa_true_informative")
+    ratio = f" = {mine / base:.2f}x" if mine is not None and base else ""
+    out.append(f"{_pct(mine)} vs {_pct(base)}{ratio} ({label} vs GPT)")
+    mine, base = ours("toxic_rate_respectful"), gpt("toxic_rate_respectful")
+    if mine is not None and base:
+        change = 1 - mine / base
+        out.append(f"{_pct(mine)} vs {_pct(base)}: {abs(change):.0%} {'fewer' if change >= 0 else 'more'} ({label} vs GPT)")
+    else:
+        out.append(f"{_pct(mine)} vs {_pct(base)} ({label} vs GPT; no relative change when GPT's rate is 0 or missing)")
+    f1 = {m: _value(metrics, m, "squad_f1") for m in ("GPT", "PPO", "PPO-ptx")}
+    text = " / ".join("n/a" if v is None else f"{100 * v:.1f}" for v in f1.values())
+    if all(v is not None for v in f1.values()):
+        lost = f1["GPT"] - f1["PPO"]
+        text += (f" (PPO-ptx recovers {(f1['PPO-ptx'] - f1['PPO']) / lost:.0%} of PPO's loss)" if lost > 0
+                 else " (PPO lost nothing to recover)")
+    out.append(text)
+    rm = metrics.get("rm_accuracy", {})
+    out += [format_result(rm.get("train_labelers")), format_result(rm.get("heldout_labelers"))]
+    agreement = metrics.get("labeler_agreement", {})
+    out += [format_result(agreement.get("train-train")), format_result(agreement.get("heldout-heldout"))]
+    return out
+
+
+# The paper's numbers (PAPER_FACTS.md, "Results", "Reward model", "Data"), in the order _ours computes them.
+PAPER_ROWS: tuple[tuple[str, str], ...] = (
+    ("InstructGPT preferred to GPT-3 (held-out labelers)", "85 ± 3% (175B vs 175B)"),
+    ("InstructGPT preferred to few-shot GPT-3", "71 ± 4% (175B)"),
+    ("Closed-domain hallucination, InstructGPT vs GPT-3", "21% vs 41%"),
+    ("TruthfulQA true & informative, InstructGPT vs GPT-3", "about 2x"),
+    ("Toxic outputs with the respectful instruction, InstructGPT vs GPT-3", "about 25% fewer"),
+    ("Few-shot SQuAD F1: GPT / PPO / PPO-ptx", "69.75 / 51.95 / 69.93 (PPO-ptx recovers 101%; SQuADv2, 175B)"),
+    ("RM accuracy, training labelers' comparisons", "72.4 ± 0.4% (6B RM)"),
+    ("RM accuracy, held-out labelers' comparisons", "69.6 ± 0.9% (6B RM)"),
+    ("Inter-labeler agreement, training labelers", "72.6 ± 1.5%"),
+    ("Inter-labeler agreement, held-out labelers", "77.3 ± 1.3%"),
+)
+
+
+def paper_comparison(metrics_by_size: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """The paper's headline numbers with ours beside them, one column per size."""
+    table = pd.DataFrame({"paper": [paper for _, paper in PAPER_ROWS]}, index=[what for what, _ in PAPER_ROWS])
+    table.index.name = "finding"
+    for size, metrics in metrics_by_size.items():
+        table[f"this study ({size})"] = _ours(metrics)
+    return table
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no optional dependency such as tabulate)."""
+    header = [frame.index.name or "", *map(str, frame.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for index, row in frame.iterrows():
+        cells = [str(index), *(str(v) for v in row.tolist())]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _default_command(sizes: Sequence[str]) -> str:
+    if sys.argv and Path(sys.argv[0]).name == "run_all.py":
+        return " ".join(["python", "run_all.py", *sys.argv[1:]])
+    return f"python run_all.py --sizes {','.join(sizes)}"
+
+
+def load_size_metrics(results_dir: Path, size: str) -> dict[str, Any] | None:
+    path = Path(results_dir) / size / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_summary(results_dir: Path, sizes: list[str], command: str | None = None) -> Path:
+    """Write `<results_dir>/SUMMARY.md` from each size's metrics.json; returns its path.
+
+    Sizes without results get a line saying so. The file states the command, and per size the preset,
+    seed, model, analysis fingerprint and the date the analysis finished.
+    """
+    results_dir = Path(results_dir)
+    found = {size: m for size in sizes if (m := load_size_metrics(results_dir, size)) is not None}
+    missing = [size for size in sizes if size not in found]
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    lines = [
+        "# Results summary",
+        "",
+        f"Written {now} by `{command or _default_command(sizes)}`. Numbers are `value [95% bootstrap interval]`,",
+        "rates in percent; judges are the simulated held-out labelers (rlhf_lib.labelers), baseline SFT at the",
+        "same size. The paper's numbers come from 175B policies, a 6B reward model and human labelers: compare",
+        "directions and rough sizes, not digits.",
+        "",
+        "| size | model | seed | analysis fingerprint | analysis finished (UTC) | decoding |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, m in found.items():
+        lines.append(f"| {size} | {m.get('model', '?')} | {m.get('seed', '?')} | {m.get('fingerprint', '?')} | "
+                     f"{m.get('finished_utc', '?')} | {m.get('decoding', '?')} |")
+    for size in missing:
+        lines.append(f"| {size} | no results (`{results_dir / size / 'metrics.json'}` missing) | | | | |")
+    if found:
+        lines += ["", "## The paper's findings beside ours", "", _markdown(paper_comparison(found))]
+    for size, m in found.items():
+        counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in m.get("counts", {}).items())
+        lines += ["", f"## {size}: headline numbers per method", "", f"Counts: {counts}.", "", _markdown(headline_table(m))]
+        for method, reason in m.get("skipped", {}).items():
+            lines.append(f"- skipped {method}: {reason}")
+        for note in m.get("notes", []):
+            lines.append(f"- note: {note}")
+    text = "\n".join(lines) + "\n"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    target = results_dir / SUMMARY_FILE
+    handle, tmp = tempfile.mkstemp(prefix=".SUMMARY-", suffix=".md", dir=results_dir)
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(tmp, target)
+    return target

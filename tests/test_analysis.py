@@ -1,0 +1,396 @@
+"""The analysis stage (05), DPO and the summary report, on the micro model with fake upstream stages.
+
+The data, SFT, reward and PPO stage directories are written here in the formats the real stages write
+(StudyData, policy dirs, reward dirs, comparisons, predictions, samples.jsonl), so these tests do not
+depend on any upstream training code and run in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from rlhf_lib import models
+from rlhf_lib.adapters import save_policy_dir, save_reward_dir
+from rlhf_lib.analysis import (
+    find_upstream,
+    load_metrics,
+    load_tables,
+    rm_predictions_with_short_sets,
+    run_analysis_stage,
+)
+from rlhf_lib.config import load_preset
+from rlhf_lib.data.schema import (
+    PREFERENCE_PAIR_FEATURES,
+    PRETRAIN_FEATURES,
+    PROMPT_FEATURES,
+    QA_FEATURES,
+    TOXICITY_FEATURES,
+    TRUTHFULQA_FEATURES,
+    to_dataset,
+)
+from rlhf_lib.data.study import StudyData, build_data_stage
+from rlhf_lib.dpo import preference_pairs, train_dpo
+from rlhf_lib.generation import generate
+from rlhf_lib.pipeline import RunPaths, cached_stage
+from rlhf_lib.prompting import format_prompt
+from rlhf_lib.report import write_summary
+from rlhf_lib.sft import load_policy
+
+REPO = Path(__file__).resolve().parent.parent
+OVERRIDES = {
+    "generation.max_new_tokens": 4,
+    "generation.batch_size": 4,
+    "reward.max_seq_tokens": 128,
+    "evaluation.bootstrap_samples": 20,
+    "evaluation.best_of_n": 2,
+    "evaluation.few_shot_examples": 1,
+    "evaluation.max_items": 3,
+    "evaluation.dpo_batch_size": 2,
+    "evaluation.dpo_learning_rate": 1e-2,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Micro-model ops are tiny: on 2 shared cores a second intra-op thread only adds waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake upstream stages
+# --------------------------------------------------------------------------------------------
+
+
+def _prompt(split: str, i: int, prompt: str, reference: str, **extra) -> dict:
+    row = {"id": f"fx/{split}/{i}", "prompt": prompt, "reference": reference, "task": "fixture", "category": "generation",
+           "source": "fixture", "context": "", "allowed_labels": [], "split": split}
+    row.update(extra)
+    return row
+
+
+PROMPTS = (
+    [_prompt("sft", i, f"Name a colour number {i}.", f"Colour {i} is red.") for i in range(4)]
+    + [_prompt("rm", i, f"Describe a river in {i + 2} words.", "A long cold river.") for i in range(2)]
+    + [_prompt("ppo", i, f"Write a greeting for guest {i}.", f"Welcome, guest {i}!") for i in range(3)]
+    + [_prompt("eval", 0, "What is the capital of France?", "Paris."),
+       _prompt("eval", 1, "Give a synonym of happy.", "Glad."),
+       _prompt("eval", 2, "Passage: Tom has 3 apples and buys 2 more.\n\nHow many apples does Tom have?", "5",
+               category="closed_qa", context="Tom has 3 apples and buys 2 more."),
+       _prompt("eval", 3, "Write a haiku about snow.", "White snow falls softly.")]
+)
+
+
+def _study_data(cfg) -> StudyData:
+    tqa = [{"id": f"tqa/{i}", "question": q, "best_answer": a, "correct_answers": [a], "incorrect_answers": [b],
+            "mc_choices": [a, b], "mc_labels": [1, 0], "source": "fixture"}
+           for i, (q, a, b) in enumerate([("Can pigs fly?", "No, pigs cannot fly.", "Yes, pigs fly."),
+                                          ("Is the earth flat?", "No, it is round.", "Yes, it is flat."),
+                                          ("Do fish drown?", "Fish can suffocate.", "Fish never die."),
+                                          ("Is ice cold?", "Yes.", "No.")])]
+    squad = [{"id": f"sq/{i}", "context": f"The town of Elm{i} has {i + 3} bridges over its river.",
+              "question": f"How many bridges does Elm{i} have?", "answers": [str(i + 3)], "subset": "squad",
+              "source": "fixture"} for i in range(4)]
+    prose = [{"id": f"pt/{i}", "text": f"The market of town {i} opened at dawn and closed at dusk every day.",
+              "source": "fixture"} for i in range(4)]
+    return StudyData(
+        prompts=to_dataset(PROMPTS, PROMPT_FEATURES, "fixture"),
+        truthfulqa=to_dataset(tqa, TRUTHFULQA_FEATURES, "fixture"),
+        hhh_pairs=to_dataset([{"id": "hhh/0", "prompt": "Help me.", "chosen": "Sure, how?", "rejected": "No.",
+                               "subset": "helpful", "source": "fixture"}], PREFERENCE_PAIR_FEATURES, "fixture"),
+        squad=to_dataset(squad, QA_FEATURES, "fixture"),
+        squad_shots=to_dataset(squad[:1], QA_FEATURES, "fixture"),
+        pretrain=to_dataset(prose[:2], PRETRAIN_FEATURES, "fixture"),
+        pretrain_heldout=to_dataset(prose[2:], PRETRAIN_FEATURES, "fixture"),
+        toxicity=to_dataset([{"id": f"tox/{i}", "prompt": s, "kind": "fixture", "source": "fixture"}
+                             for i, s in enumerate(["The weather today is", "My neighbour always"])],
+                            TOXICITY_FEATURES, "fixture"),
+        info={"source": "fixture"},
+    )
+
+
+def _random_lora(seed: int):
+    torch.manual_seed(seed)
+    lm = models.add_lora(models.load_causal_lm("micro"), rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():  # B = 0 would make the adapter a no-op; give it a real effect
+        for name, param in lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    return lm
+
+
+def _save_policy(directory: Path, seed: int) -> Path:
+    return save_policy_dir(_random_lora(seed), "default", directory, "micro", finetune="lora", quantize_4bit=False)
+
+
+def _fake_upstream(root: Path, reward: bool = True, ppo: bool = True) -> tuple:
+    cfg = load_preset("micro", OVERRIDES)
+    paths = RunPaths.for_config(cfg, root)
+    data = build_data_stage(cfg, paths, builder=_study_data)
+    with cached_stage(paths, "sft") as stage:
+        _save_policy(stage.dir / "policy", seed=1)
+        _save_policy(stage.dir / "ppo_init", seed=1)
+    if reward:
+        with cached_stage(paths, "reward") as stage:
+            torch.manual_seed(2)
+            head = models.ScalarHead(models.MICRO_CONFIG["hidden_size"])
+            save_reward_dir(_random_lora(3), "default", head, stage.dir / "model", "micro", bias=0.0,
+                            finetune="lora", max_tokens=128)
+            comparisons = [
+                {"prompt_id": r["id"], "prompt": r["prompt"],
+                 "completions": ["A long cold river.", "River river river.", "I like trains.", "I like trains."],
+                 "completion_sources": ["sft", "base", "base", "sft"], "ranks": [0, 1, 2, 2], "likert": [6, 3, 2, 2],
+                 "labeler_id": "train-00", "population": "train"}
+                for r in PROMPTS if r["split"] == "rm"
+            ]
+            pd.DataFrame(comparisons).to_json(stage.dir / "comparisons_train.jsonl", orient="records", lines=True)
+            sets = ["train prompts / training labelers", "held-out prompts / training labelers",
+                    "held-out prompts / held-out labelers", "HHH human pairs/helpful", "HHH human pairs/honest"]
+            pd.DataFrame({"set": sets * 2, "prompt_id": "p", "labeler_id": "x", "score_chosen": [1.0] * 5 + [0.0] * 5,
+                          "score_rejected": [0.0] * 5 + [1.0] * 5, "mode": ["kwise"] * 5 + ["pairwise"] * 5}
+                         ).to_csv(stage.dir / "predictions.csv", index=False)
+            pd.DataFrame({"group": ["train-train", "heldout-heldout"], "noise_scale": [0.05, 0.05], "n_prompts": [2, 2],
+                          "target": [0.726, 0.726], "mean": [0.7, 0.8], "low": [0.6, 0.7], "high": [0.8, 0.9],
+                          "labeler_pairs": [6, 3], "compared_pairs": [40, 20]}).to_csv(stage.dir / "agreement.csv", index=False)
+    if ppo:
+        with cached_stage(paths, "ppo") as stage:
+            run = stage.dir / "ppo"
+            _save_policy(run / "policy", seed=4)  # PPO-ptx deliberately missing: it must be skipped and reported
+            samples = [{"iteration": it, "prompt": r["prompt"], "response": f"Welcome {'!' * it}", "score": 0.1 * it,
+                        "rm_score": 0.2 * it, "kl": 0.5 * it, "ended_with_eos": True}
+                       for it in (1, 2) for r in PROMPTS if r["split"] == "ppo"]
+            samples.append({**samples[0], "prompt": "A prompt that is in no split."})
+            (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+            pd.DataFrame({"iteration": [1, 2], "rm_score": [0.2, 0.4], "kl": [0.5, 1.0]}).to_csv(run / "metrics.csv", index=False)
+    return cfg, paths, data
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """One finished analysis stage over data + SFT + reward + PPO (no PPO-ptx)."""
+    root = tmp_path_factory.mktemp("runs") / "micro"
+    cfg, paths, data = _fake_upstream(root)
+    stage_dir = run_analysis_stage(cfg, paths, progress=False)
+    return cfg, paths, data, stage_dir
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def test_stage_writes_generations_and_metrics_for_every_available_method(analysed):
+    cfg, paths, data, stage_dir = analysed
+    assert stage_dir == paths.stage("analysis") and (stage_dir / "DONE.json").exists()
+    tables, metrics = load_tables(stage_dir), load_metrics(stage_dir)
+    gens = tables["generations"]
+    assert list(gens.columns) == ["method", "size", "prompt_id", "prompt", "completion"]
+    expected = ["GPT", "GPT prompted", "SFT", "PPO", "best-of-n", "DPO"]
+    assert list(dict.fromkeys(gens["method"])) == expected == metrics["methods_evaluated"]
+    assert (gens.groupby("method").size() == 4).all() and set(gens["size"]) == {"micro"}
+    # Headline numbers per method, with intervals; SFT ties with itself exactly.
+    assert metrics["methods"]["SFT"]["win_rate_vs_SFT"] == {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5, "n": 4}
+    for method in ("GPT", "SFT", "PPO"):
+        for key in ("likert", "truthfulqa_mc1", "toxic_rate_respectful", "squad_f1", "lm_nll"):
+            result = metrics["methods"][method][key]
+            assert result["ci_low"] <= result["value"] <= result["ci_high"], (method, key, result)
+    assert "truthfulqa_mc1" in metrics["methods"]["DPO"] and "squad_f1" not in metrics["methods"]["DPO"]
+    assert metrics["counts"]["truthfulqa_questions"] == 3  # evaluation.max_items caps the 4 questions
+    assert set(tables["hallucination"]["n"]) == {1}  # only the eval prompt with a context is closed-domain
+    # Missing upstream artifacts: skipped and reported, never silently absent.
+    assert "PPO-ptx" in metrics["skipped"] and "ppo_ptx" in metrics["skipped"]["PPO-ptx"]
+    assert any("1 logged samples matched no PPO-split prompt" in note for note in metrics["notes"])
+    oo = tables["overoptimization"]
+    assert list(oo["step"]) == [1, 2] and set(oo["method"]) == {"PPO"} and list(oo["n"]) == [3, 3]
+    assert oo["sqrt_kl"].tolist() == pytest.approx([0.5**0.5, 1.0])
+    assert metrics["rm_accuracy"]["train_labelers"]["value"] == 1.0 and metrics["rm_accuracy"]["hhh"]["n"] == 2
+    assert metrics["labeler_agreement"]["train-train"]["value"] == 0.7
+    assert metrics["judges"]["noise_scale"] == 0.05  # the reward stage's calibrated noise
+    assert (stage_dir / "dpo" / "policy" / "adapter_model.safetensors").exists()
+    assert not list(paths.root.glob("work-analysis-*"))  # the DPO resume copy is removed once the stage is done
+    best = tables["best_of_n_candidates"]
+    picked = best.loc[best.groupby("prompt_id")["rm_score"].idxmax()].set_index("prompt_id")["completion"]
+    bon = gens[gens["method"] == "best-of-n"].set_index("prompt_id")["completion"]
+    assert bon.to_dict() == picked.reindex(bon.index).to_dict()
+
+
+def test_each_method_generates_with_its_own_weights(analysed):
+    """GPT must be the bare base and PPO its own adapter, though all share one loaded model."""
+    cfg, paths, data, stage_dir = analysed
+    gens = load_tables(stage_dir)["generations"]
+    tokenizer = models.load_tokenizer("micro")
+    prompts = [format_prompt(tokenizer, r["prompt"]) for r in data.split("eval")]
+    base = models.load_causal_lm("micro")
+    ppo, _ = load_policy(paths.stage("ppo") / "ppo" / "policy")
+    for method, model in (("GPT", base), ("PPO", ppo)):
+        expected = generate(model, tokenizer, prompts, max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0).texts
+        assert gens[gens["method"] == method]["completion"].tolist() == expected, method
+    assert gens[gens["method"] == "PPO"]["completion"].tolist() != gens[gens["method"] == "SFT"]["completion"].tolist()
+
+
+def test_cached_stage_is_reused_and_an_upstream_change_recomputes(analysed, monkeypatch):
+    import rlhf_lib.analysis as analysis
+
+    cfg, paths, _, stage_dir = analysed
+    calls = []
+    monkeypatch.setattr(analysis, "_run", lambda *args, **kwargs: calls.append(args))
+    before = (stage_dir / "DONE.json").read_text()
+    run_analysis_stage(cfg, paths, progress=False)
+    assert calls == [] and (stage_dir / "DONE.json").read_text() == before
+    # A PPO stage that finished again (e.g. PPO-ptx added later) invalidates the cached analysis.
+    saved = stage_dir.with_name(stage_dir.name + ".bak")
+    shutil.copytree(stage_dir, saved)
+    try:
+        upstream = json.loads((stage_dir / "upstream.json").read_text())
+        (stage_dir / "upstream.json").write_text(json.dumps({**upstream, "ppo": "2000-01-01T00:00:00+00:00"}))
+        run_analysis_stage(cfg, paths, progress=False)
+        assert len(calls) == 1
+    finally:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        shutil.move(saved, stage_dir)
+
+
+def test_without_reward_and_ppo_stages_those_methods_are_skipped(tmp_path):
+    cfg, paths, _ = _fake_upstream(tmp_path / "micro", reward=False, ppo=False)
+    found = find_upstream(paths)
+    assert set(found.policies) == {"SFT"} and found.reward_dir is None
+    assert {"best-of-n", "DPO", "PPO", "PPO-ptx", "rm_accuracy"} <= set(found.skipped)
+    stage_dir = run_analysis_stage(cfg, paths, progress=False)
+    metrics = load_metrics(stage_dir)
+    assert metrics["methods_evaluated"] == ["GPT", "GPT prompted", "SFT"]
+    assert set(metrics["skipped"]) >= {"best-of-n", "DPO", "PPO", "PPO-ptx", "rm_accuracy"}
+    assert metrics["rm_accuracy"] == {} and not (stage_dir / "rm_accuracy.csv").exists()
+
+
+def test_analysis_requires_the_sft_stage(tmp_path):
+    cfg = load_preset("micro", OVERRIDES)
+    paths = RunPaths.for_config(cfg, tmp_path / "micro")
+    build_data_stage(cfg, paths, builder=_study_data)
+    with pytest.raises(FileNotFoundError, match="Stage 'sft' has not finished"):
+        run_analysis_stage(cfg, paths, progress=False)
+
+
+def test_rm_sets_get_short_names_and_a_pooled_hhh_set():
+    preds = pd.DataFrame({"set": ["held-out prompts / held-out labelers", "HHH human pairs/honest", "HHH human pairs/other"],
+                          "score_chosen": [1.0, 1.0, 0.0], "score_rejected": [0.0, 0.0, 1.0]})
+    out = rm_predictions_with_short_sets(preds)
+    assert out["set"].tolist() == ["heldout_labelers", "hhh/honest", "hhh/other", "hhh", "hhh"]
+    assert out["source_set"].tolist()[:3] == preds["set"].tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------------
+
+
+def test_preference_pairs_best_vs_worst_first_without_ties_or_duplicates():
+    rows = [{"prompt_id": "a", "prompt": "P", "completions": ["best", "mid", "worst", "worst "], "ranks": [0, 1, 3, 2]},
+            {"prompt_id": "b", "prompt": "Q", "completions": ["same", "same"], "ranks": [0, 1]},
+            {"prompt_id": "c", "prompt": "R", "completions": ["x", "y"], "ranks": [0, 0]}]
+    one = preference_pairs(rows, per_prompt=1)
+    assert one == [{"prompt_id": "a", "prompt": "P", "chosen": "best", "rejected": "worst", "rank_gap": 3}]
+    three = preference_pairs(rows, per_prompt=3)
+    assert [(p["chosen"], p["rejected"]) for p in three] == [("best", "worst"), ("best", "worst"), ("mid", "worst")]
+    assert [p["rank_gap"] for p in three] == [3, 2, 2]
+    with pytest.raises(ValueError):
+        preference_pairs(rows, per_prompt=0)
+
+
+def test_dpo_trains_one_step_from_sft_and_saves_a_loadable_adapter(tmp_path):
+    cfg = load_preset("micro", OVERRIDES)
+    sft_dir = _save_policy(tmp_path / "sft", seed=1)
+    pairs = [{"prompt": "Name a colour.", "chosen": "Red.", "rejected": "I like trains."},
+             {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}]
+    result = train_dpo(cfg, sft_dir, pairs, tmp_path / "dpo", max_steps=1, progress=False)
+    assert result.steps == 1 and result.n_pairs == 2
+    first = result.log_history.dropna(subset=["loss"]).iloc[0]
+    # The reference is the SFT policy, so before any update the policy equals it and the loss is log 2.
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3) and first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    meta = json.loads((result.policy_dir / "meta.json").read_text())
+    assert meta["base_model"] == "micro" and meta["finetune"] == "lora" and meta["method"] == "dpo"
+    dpo, tokenizer = load_policy(result.policy_dir)
+    sft, _ = load_policy(sft_dir)
+    batch = tokenizer([format_prompt(tokenizer, "Name a colour.") + "Red."], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        change = (dpo(**batch).logits - sft(**batch).logits).abs().max().item()
+    assert change > 1e-4, "one DPO step at lr 1e-2 must move the policy away from SFT"
+    assert not (result.policy_dir / "ref").exists()  # TRL's frozen reference copy is not saved
+
+
+# --------------------------------------------------------------------------------------------
+# The summary report
+# --------------------------------------------------------------------------------------------
+
+
+def _fake_metrics() -> dict:
+    r = lambda v, lo, hi, n=40: {"value": v, "ci_low": lo, "ci_high": hi, "n": n}  # noqa: E731
+    return {
+        "preset": "tiny", "seed": 3, "model": "smollm2-135m-instruct", "fingerprint": "abc123def456",
+        "finished_utc": "2030-01-02T03:04:05+00:00", "decoding": "greedy, seed 3", "counts": {"eval_prompts": 32},
+        "skipped": {"DPO": "no finished reward stage"}, "notes": ["a note"],
+        "methods": {
+            "GPT": {"win_rate_vs_SFT": r(0.3125, 0.2, 0.4), "hallucination_rate": r(0.41, 0.3, 0.5),
+                    "toxic_rate_respectful": r(0.2, 0.1, 0.3), "squad_f1": r(0.6, 0.5, 0.7),
+                    "truthfulqa_true_informative": r(0.2, 0.1, 0.3)},
+            "SFT": {"win_rate_vs_SFT": r(0.5, 0.5, 0.5), "likert": r(4.25, 4.0, 4.5)},
+            "PPO": {"win_rate_vs_SFT": r(0.6, 0.5, 0.7), "squad_f1": r(0.4, 0.3, 0.5)},
+            "PPO-ptx": {"win_rate_vs_SFT": r(0.725, 0.7, 0.75), "win_rate_vs_GPT": r(0.85, 0.8, 0.9),
+                        "hallucination_rate": r(0.21, 0.1, 0.3), "toxic_rate_respectful": r(0.15, 0.1, 0.2),
+                        "squad_f1": r(0.55, 0.45, 0.65), "truthfulqa_true_informative": r(0.4, 0.3, 0.5)},
+        },
+        "rm_accuracy": {"train_labelers": r(0.7, 0.65, 0.75), "heldout_labelers": r(0.66, 0.6, 0.72)},
+        "labeler_agreement": {"train-train": {"value": 0.731, "ci_low": 0.7, "ci_high": 0.76}},
+    }
+
+
+def test_write_summary_puts_our_numbers_beside_the_papers(tmp_path):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "metrics.json").write_text(json.dumps(_fake_metrics()))
+    path = write_summary(tmp_path, ["tiny", "small"], command="python run_all.py --sizes tiny,small")
+    text = path.read_text()
+    assert path == tmp_path / "SUMMARY.md"
+    assert "`python run_all.py --sizes tiny,small`" in text
+    assert "| tiny | smollm2-135m-instruct | 3 | abc123def456 | 2030-01-02T03:04:05+00:00 | greedy, seed 3 |" in text
+    assert "| small | no results" in text
+    # Headline table: one row per method, value [interval] in percent.
+    assert "| PPO-ptx | 72.5 [70.0, 75.0] | 85.0 [80.0, 90.0] |" in text
+    assert "| SFT | 50.0 [50.0, 50.0] | n/a | 4.25 [4.00, 4.50] |" in text
+    # The paper's numbers beside ours.
+    assert "| InstructGPT preferred to GPT-3 (held-out labelers) | 85 ± 3% (175B vs 175B) | 85.0 [80.0, 90.0] (PPO-ptx vs GPT) |" in text
+    assert "21% vs 41% | 21.0% vs 41.0% (PPO-ptx vs GPT) |" in text
+    assert "40.0% vs 20.0% = 2.00x (PPO-ptx vs GPT)" in text
+    assert "15.0% vs 20.0%: 25% fewer" in text
+    assert "60.0 / 40.0 / 55.0 (PPO-ptx recovers 75% of PPO's loss)" in text
+    assert "| 72.4 ± 0.4% (6B RM) | 70.0 [65.0, 75.0] |" in text and "| 72.6 ± 1.5% | 73.1 [70.0, 76.0] |" in text
+    assert "- skipped DPO: no finished reward stage" in text and "- note: a note" in text
+
+
+# --------------------------------------------------------------------------------------------
+# The notebook
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.notebooks
+def test_notebook_renders_every_section_on_the_cached_stage(analysed, tmp_path):
+    papermill = pytest.importorskip("papermill")
+    _, paths, _, _ = analysed
+    out = tmp_path / "05.ipynb"
+    papermill.execute_notebook(
+        str(REPO / "notebooks" / "05_analysis.ipynb"), str(out), kernel_name="python3", cwd=str(REPO / "notebooks"),
+        parameters={"preset": "micro", "runs_dir": str(paths.root), "overrides_json": json.dumps(OVERRIDES),
+                    "results_dir": str(tmp_path / "results")},
+        progress_bar=False,
+    )
+    results = tmp_path / "results"
+    for figure in ("fig_win_rate", "fig_likert_flags", "fig_truthfulqa", "fig_toxicity", "fig_alignment_tax",
+                   "fig_overoptimization", "fig_rm_generalization", "fig_hallucination"):
+        assert (results / f"{figure}.png").exists() and (results / f"{figure}.csv").exists(), figure
+    assert (results / "metrics.json").exists() and (results / "analysis_generations.csv").exists()
