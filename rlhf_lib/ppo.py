@@ -1,0 +1,1134 @@
+"""PPO and PPO-ptx for RLHF, as in InstructGPT (Ouyang et al., 2022, appendix C.4), in one readable file.
+
+Usage (the notebook 04_ppo does this for PPO and for PPO-ptx)::
+
+    from rlhf_lib.config import load_preset
+    from rlhf_lib.ppo import train_ppo
+    cfg = load_preset("tiny")
+    result = train_ppo(cfg, policy_init_dir=sft_dir, reward_dir=rm_dir, prompts=ppo_prompts,
+                       pretrain_texts=prose, out_dir="runs/tiny/ppo-work", ptx=False)
+    result.policy_dir        # the trained policy: a peft adapter directory + meta.json
+    result.metrics_csv       # one row per iteration (reward, KL, entropy, losses, ...)
+
+Distributed (two CPU processes here; GPUs and nodes the same way)::
+
+    torchrun --nproc_per_node 2 my_script.py   # my_script calls train_ppo; accelerate wraps DDP
+
+One iteration, in the order of the code below. The names follow the paper and the published
+implementation details of RLHF with PPO (Huang et al., "The N implementation details of RLHF with PPO"):
+
+ 1. rollout       sample a response per prompt from the policy at the rollout temperature; left-padded
+                  queries, responses truncated after the first EOS (rlhf_lib.generation.generate).
+ 2. logprobs      recompute log pi(token) of every response token under the policy and the frozen
+                  reference with the SAME temperature (logits / T), and the value of every state.
+ 3. score         RM score of (prompt, response) read at the last token (EOS); minus
+                  `missing_eos_penalty` when the response hit the length limit without EOS.
+ 4. rewards       per token r_t = -beta * (log pi(y_t) - log pi_ref(y_t)); the score is added at the last token.
+ 5. GAE           advantages with gamma = 1, lambda = 0.95, respecting the response mask;
+                  returns = advantages + values.
+ 6. whitening     advantages normalised to mean 0, std 1 over the valid tokens of the batch.
+ 7. PPO epochs    over shuffled minibatches: clipped ratio loss, clipped value loss, gradient clip, step.
+ 8. PPO-ptx       every step also adds ptx_coef * LM loss on pretraining text (only when ptx is on).
+ 9. controllers   optional adaptive beta (Ziegler et al.), optional EMA of the policy weights,
+                  constant learning rate after a linear warm-up.
+
+Models: ONE frozen base carries every role as a LoRA adapter (rlhf_lib.adapters): "policy" (trainable,
+from the SFT adapter), "reference" (the frozen SFT adapter, or the bare base when there is no SFT
+adapter), "value" (trainable, from the RM adapter, with a ScalarHead from the RM head) and "reward"
+(the frozen RM adapter and head) when the RM shares the base. An RM on another base is a separate
+text scorer, `reward_fn(prompts, responses) -> Tensor[B]`.
+
+What a run writes into out_dir::
+
+    metrics.csv, samples.jsonl, tensorboard/   per iteration: metrics; sample (prompt, response, score)
+    checkpoint-000012/                         the last good state: trainable weights, optimizer, EMA, counters
+    policy/  (and policy_last/ when EMA is on) the policy to evaluate, in the SFT adapter format
+    value/                                     value adapter + head, in the reward-model format
+    result.json; DIVERGED.json                 run summary; which guard fired, if one did
+
+`rollout_batch` and `minibatch` count episodes over all processes (as the paper's 512 and 64 do).
+
+Guards: a non-finite value, mean KL above `max_kl` or entropy below `min_entropy` raise PPODivergence;
+the last good checkpoint stays. Checkpoints are written every iteration (atomically) and a rerun with
+the same `out_dir` resumes from the last one. Randomness is reseeded from (seed, iteration, rank) at
+each iteration, so a resumed run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf_lib import models
+from rlhf_lib.adapters import (
+    RM_ADAPTER,
+    RM_HEAD,
+    apply_trainability,
+    attach_adapter,
+    freeze_dropout,
+    read_meta,
+    save_policy_dir,
+    save_reward_dir,
+    score_token_ids,
+    use_adapter,
+)
+from rlhf_lib.config import PPOConfig, StudyConfig
+from rlhf_lib.generation import Generated, generate
+from rlhf_lib.prompting import format_prompt
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+KL_HORIZON = 10_000  # adaptive-KL horizon in episodes (Ziegler et al. 2019)
+ADAM_EPS = 1e-5  # as in the PPO reference implementations
+
+
+class PPODivergence(RuntimeError):
+    """Training stopped by a divergence guard; `checkpoint` is the last good state (None before the first)."""
+
+    def __init__(self, reason: str, iteration: int, checkpoint: Path | None):
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        super().__init__(f"PPO diverged at iteration {iteration}: {reason}; {where}.")
+        self.reason, self.iteration, self.checkpoint = reason, iteration, checkpoint
+
+
+@dataclass
+class PPOResult:
+    """Where a finished run put its artifacts, and its per-iteration metrics."""
+
+    out_dir: Path
+    policy_dir: Path  # the policy to evaluate (EMA weights when ema_decay > 0)
+    value_dir: Path  # value adapter + head, in the reward-directory format
+    metrics_csv: Path
+    samples_jsonl: Path
+    tensorboard_dir: Path
+    iterations: int
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+# ============================================================================================
+# The math: pure tensor functions (each tested on a hand-computed toy)
+# ============================================================================================
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of x over positions where mask is 1."""
+    mean = masked_mean(x, mask)
+    count = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * count / (count - 1).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the valid positions; shift_mean=False keeps the mean (for rewards)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(token) [B, L] and the (detached) entropy [B, L] of the SAMPLING distribution softmax(logits / T)."""
+    logits = logits.float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+def per_token_rewards(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_t = -beta * KL_t at every response token, plus the sequence score at the last one.
+
+    KL_t = log pi(y_t) - log pi_ref(y_t) (the sampled-token estimator whose sum over t is an unbiased
+    estimate of KL(pi || pi_ref) for the sequence). Returns (rewards, KL_t), both zero where mask is 0.
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_beta * kl
+    last = mask.long().sum(1).clamp(min=1) - 1  # responses are a prefix of the row: the last 1 is at sum-1
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the valid prefix of each row.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lambda * A_{t+1},
+    where V_{t+1} and A_{t+1} count as 0 past the last valid token (the episode ends at EOS).
+    Returns (advantages, returns = advantages + values), zero where mask is 0.
+    """
+    mask = mask.to(rewards.dtype)
+    length = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(length)):
+        if t + 1 < length:
+            next_value = values[:, t + 1] * mask[:, t + 1]
+            next_advantage = advantages[:, t + 1] * mask[:, t + 1]
+        else:
+            next_value = torch.zeros_like(values[:, t])
+            next_advantage = torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = delta + gamma * lam * next_advantage
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate: mean over valid tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean(((ratio - 1.0).abs() > clip_range).float(), mask).item(),
+            # k3 estimator of KL(old || new): non-negative, low variance (Schulman's note on KL approximation)
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+            "ratio_max_dev": ((ratio - 1.0).abs() * mask).max().item(),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """0.5 * mean over valid tokens of max((V - R)^2, (V_clipped - R)^2), V_clipped within +-clip of the old V."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        stats = {"value_clip_frac": masked_mean((clipped_error > unclipped_error).float(), mask).item()}
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R): 1 is a perfect value function, 0 no better than a constant."""
+    var_returns = masked_var(returns, mask)
+    if var_returns.item() == 0:
+        return float("nan")
+    return (1.0 - masked_var(returns - values, mask) / var_returns).item()
+
+
+class KLController:
+    """beta of the KL penalty: fixed, or adapted towards a target sequence KL (Ziegler et al. 2019).
+
+    Adaptive: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * episodes / KL_HORIZON).
+    """
+
+    def __init__(self, beta: float, adaptive: bool = False, target: float = 6.0, horizon: int = KL_HORIZON):
+        self.value, self.adaptive, self.target, self.horizon = beta, adaptive, target, horizon
+
+    def update(self, current_kl: float, episodes: int) -> None:
+        if not self.adaptive or self.target <= 0:
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * episodes / self.horizon
+
+
+def learning_rate_at(step: int, ppo: PPOConfig, updates_per_iteration: int) -> float:
+    """Constant LR after a linear warm-up over `warmup_iterations` iterations (the paper: 10)."""
+    warmup_steps = ppo.warmup_iterations * updates_per_iteration
+    if warmup_steps == 0:
+        return ppo.learning_rate
+    return ppo.learning_rate * min(1.0, (step + 1) / warmup_steps)
+
+
+class EMA:
+    """Exponential moving average of the policy weights (the paper evaluates the EMA, decay 0.992)."""
+
+    def __init__(self, named_params: dict[str, nn.Parameter], decay: float):
+        self.params, self.decay = named_params, decay
+        self.shadow = {name: p.detach().clone() for name, p in named_params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, param in self.params.items():
+            self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
+
+    @contextmanager
+    @torch.no_grad()
+    def applied(self) -> Iterator[None]:
+        """Temporarily load the averaged weights into the model (to save or evaluate them)."""
+        backup = {name: p.detach().clone() for name, p in self.params.items()}
+        for name, param in self.params.items():
+            param.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            for name, param in self.params.items():
+                param.copy_(backup[name])
+
+
+# ============================================================================================
+# The models: one frozen base, four roles
+# ============================================================================================
+
+
+def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """Logits [B, Lr, V] that predict the last `response_len` tokens (the LM head runs only there)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=models.position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=response_len + 1,
+    )
+    return out.logits[:, :-1]
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the real tokens (PPO-ptx's pretraining objective)."""
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=models.position_ids_from_mask(attention_mask), use_cache=False
+    ).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    target_mask = attention_mask[:, 1:] * attention_mask[:, :-1]
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return masked_mean(nll.view_as(targets), target_mask)
+
+
+class PolicyValueRoles(nn.Module):
+    """The four PPO roles on one PeftModel. `forward` is the trainable part (policy + value [+ ptx]).
+
+    `adapters` maps each role to its adapter name (None for "reference" means the bare base).
+    Only the policy and value adapters and the value head require grad; `forward` runs every trainable
+    parameter once per call, which is what DistributedDataParallel expects.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        value_head: models.ScalarHead,
+        adapters: dict[str, str | None],
+        temperature: float,
+        reward_head: models.ScalarHead | None = None,
+        reward_bias: float = 0.0,
+    ):
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+        self.reward_head = reward_head
+        self.adapters = dict(adapters)
+        self.temperature = temperature
+        self.reward_bias = reward_bias
+        if reward_head is not None:
+            reward_head.requires_grad_(False)
+
+    @contextmanager
+    def role(self, name: str) -> Iterator[nn.Module]:
+        """The network of one role (here: the shared model with that role's adapter active)."""
+        with use_adapter(self.model, self.adapters[name]):
+            yield self.model
+
+    @property
+    def scores_internally(self) -> bool:
+        return self.reward_head is not None and "reward" in self.adapters
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def named_policy_parameters(self) -> dict[str, nn.Parameter]:
+        adapter = self.adapters["policy"]
+        return {name: p for name, p in self.named_trainable().items() if f".{adapter}." in name}
+
+    def policy_logprobs(self, input_ids, attention_mask, response_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.role("policy") as model:
+            logits = response_logits(model, input_ids, attention_mask, response_len)
+        return logprobs_and_entropy(logits, input_ids[:, -response_len:], self.temperature)
+
+    def reference_logprobs(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+        with self.role("reference") as model:
+            logits = response_logits(model, input_ids, attention_mask, response_len)
+        return logprobs_and_entropy(logits, input_ids[:, -response_len:], self.temperature)[0]
+
+    def values(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+        """V(state before response token t), read at the token that precedes it."""
+        with self.role("value") as model:
+            return models.scalar_outputs(model, self.value_head, input_ids, attention_mask)[:, -response_len - 1 : -1].float()
+
+    def reward_scores(self, input_ids, attention_mask) -> torch.Tensor:
+        with self.role("reward") as model:
+            return score_token_ids(model, self.reward_head, input_ids, attention_mask, self.reward_bias).float()
+
+    def ptx_loss(self, input_ids, attention_mask) -> torch.Tensor:
+        with self.role("policy") as model:
+            return lm_loss(model, input_ids, attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_len: int,
+        ptx_ids: torch.Tensor | None = None,
+        ptx_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(policy logprobs, entropy, values, ptx LM loss or None) for one minibatch, with gradients."""
+        logprobs, entropy = self.policy_logprobs(input_ids, attention_mask, response_len)
+        values = self.values(input_ids, attention_mask, response_len)
+        ptx = self.ptx_loss(ptx_ids, ptx_mask) if ptx_ids is not None else None
+        return logprobs, entropy, values, ptx
+
+
+def _lora_config(model_cfg):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_cfg.lora_rank,
+        lora_alpha=model_cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(model_cfg.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def _keep_4bit_differentiable(model: nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference on the first no-grad forward.
+
+    The repacked layout has no backward, so after one rollout no gradient would reach the LoRA
+    adapters behind any 4-bit layer. Rollouts and training share the weights, so never repack.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _present_targets(model: nn.Module, wanted: Sequence[str]) -> list[str]:
+    present = {name.split(".")[-1] for name, _ in model.named_modules()}
+    return [t for t in wanted if t in present]
+
+
+def build_roles(
+    cfg: StudyConfig,
+    policy_init_dir: str | Path | None,
+    reward_dir: str | Path | None,
+    device: torch.device | str | None = None,
+    need_reward: bool = True,
+) -> tuple[PolicyValueRoles, Any, RewardFn | None, str]:
+    """Load the base once and attach the roles. Returns (roles, tokenizer, external reward_fn or None, base name).
+
+    The base is the SFT adapter's base (its meta.json), or cfg.model.name without an SFT adapter.
+    The RM's adapter becomes the "reward" and "value" roles when the RM shares this base; otherwise
+    the RM is loaded separately as a text scorer and the value starts from the SFT adapter with a
+    zero head (values 0 at first), which departs from the paper (value initialised from the RM).
+    """
+    if cfg.model.finetune != "lora":
+        raise ValueError("rlhf_lib.ppo trains LoRA adapters on a shared frozen base; set [model] finetune = 'lora'.")
+    base_name = read_meta(policy_init_dir)["base_model"] if policy_init_dir else cfg.model.name
+    rm_meta = read_meta(reward_dir) if reward_dir else None
+    shares_base = rm_meta is not None and rm_meta["base_model"] == base_name and rm_meta.get("finetune", "lora") == "lora"
+    device_name = str(device) if device is not None else cfg.model.device
+    base = models.load_causal_lm(
+        base_name, device=device_name, dtype=cfg.model.dtype, quantize_4bit=cfg.model.quantize_4bit, dropout=0.0
+    )
+    _keep_4bit_differentiable(base)
+    lora = _lora_config(cfg.model)
+    lora.target_modules = _present_targets(base, cfg.model.lora_target_modules)
+
+    adapters: dict[str, str | None] = {"policy": "policy", "value": "value"}
+    model = attach_adapter(base, policy_init_dir, "policy", trainable=True, lora_config=copy.deepcopy(lora))
+    if policy_init_dir:
+        attach_adapter(model, policy_init_dir, "reference", trainable=False)
+        adapters["reference"] = "reference"
+    else:
+        adapters["reference"] = None  # the SFT policy IS the base: disable adapters for the reference
+    model_device = next(model.parameters()).device
+
+    reward_head, reward_bias, reward_fn = None, 0.0, None
+    if shares_base:
+        attach_adapter(model, Path(reward_dir) / RM_ADAPTER, "value", trainable=True)
+        value_head = models.ScalarHead.load(Path(reward_dir) / RM_HEAD, device=model_device)
+        if need_reward:
+            attach_adapter(model, Path(reward_dir) / RM_ADAPTER, "reward", trainable=False)
+            adapters["reward"] = "reward"
+            reward_head = models.ScalarHead.load(Path(reward_dir) / RM_HEAD, device=model_device)
+            reward_bias = float(rm_meta.get("bias", 0.0))
+    else:
+        why = "No reward directory" if rm_meta is None else (
+            f"The RM ({rm_meta['base_model']}, {rm_meta.get('finetune', 'lora')}) is not a LoRA adapter on {base_name}")
+        warnings.warn(
+            f"{why}: the value function starts from the SFT adapter with a zero head, not from the RM.",
+            stacklevel=2,
+        )
+        attach_adapter(model, policy_init_dir, "value", trainable=True, lora_config=copy.deepcopy(lora))
+        value_head = models.ScalarHead(models.hidden_size_of(model)).to(model_device)
+        nn.init.zeros_(value_head.linear.weight)
+        if need_reward and reward_dir:
+            from rlhf_lib.reward import RewardModel
+
+            reward_model = RewardModel.load(reward_dir, device=device_name, quantize_4bit=cfg.model.quantize_4bit)
+            batch_size = cfg.generation.batch_size
+
+            def score_with_rm(prompts: list[str], responses: list[str]) -> torch.Tensor:
+                # The RM re-tokenises prompt + response + EOS with its own tokenizer and format.
+                return reward_model.score_texts(prompts, responses, batch_size=batch_size)
+
+            reward_fn = score_with_rm
+    model.set_adapter("policy")
+    apply_trainability(model)
+    value_head.float().requires_grad_(True)
+    freeze_dropout(model)
+    model.eval()  # dropout off everywhere; gradients flow in eval mode too
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tokenizer = models.load_tokenizer(base_name)
+    roles = PolicyValueRoles(
+        model, value_head, adapters, temperature=cfg.generation.temperature, reward_head=reward_head, reward_bias=reward_bias
+    )
+    return roles, tokenizer, reward_fn, base_name
+
+
+# ============================================================================================
+# Steps 1-6: rollout, logprobs, score, rewards, GAE, whitening
+# ============================================================================================
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes with everything the PPO update needs, aligned as [query | response]."""
+
+    prompts: list[str]
+    responses: list[str]
+    query_ids: torch.Tensor  # [B, Lq] left-padded
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor  # [B, Lr] pad after the first EOS
+    response_mask: torch.Tensor  # [B, Lr] float, 1 up to and including EOS
+    ended_with_eos: torch.Tensor  # [B] bool
+    logprobs: torch.Tensor  # [B, Lr] log pi_old(y_t)
+    ref_logprobs: torch.Tensor  # [B, Lr] log pi_ref(y_t)
+    entropy: torch.Tensor  # [B, Lr]
+    values: torch.Tensor  # [B, Lr] V_old(s_t)
+    rm_scores: torch.Tensor  # [B] raw RM score
+    scores: torch.Tensor  # [B] RM score minus the missing-EOS penalty
+    kl: torch.Tensor  # [B, Lr] log pi - log pi_ref
+    rewards: torch.Tensor  # [B, Lr]
+    advantages: torch.Tensor  # [B, Lr] whitened
+    returns: torch.Tensor  # [B, Lr]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask.long()], dim=1)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def stats(self) -> dict[str, float]:
+        """Per-iteration rollout metrics (means over episodes or valid tokens)."""
+        mask = self.response_mask
+        return {
+            "rm_score": self.rm_scores.mean().item(),
+            "score": self.scores.mean().item(),
+            "reward": self.rewards.sum(1).mean().item(),  # score - beta * sequence KL
+            "kl": self.kl.sum(1).mean().item(),
+            "entropy": masked_mean(self.entropy, mask).item(),
+            "response_length": mask.sum(1).mean().item(),
+            "eos_rate": self.ended_with_eos.float().mean().item(),
+            "explained_variance": explained_variance(self.values, self.returns, mask),
+            "value_mean": masked_mean(self.values, mask).item(),
+        }
+
+
+def _concat_generated(chunks: list[Generated], pad_id: int) -> Generated:
+    """Stack generation chunks: pad queries on the left and responses on the right to common widths."""
+    if len(chunks) == 1:
+        return chunks[0]
+    lq = max(c.query_ids.shape[1] for c in chunks)
+    lr = max(c.response_ids.shape[1] for c in chunks)
+
+    def left(x, width, value):
+        return F.pad(x, (width - x.shape[1], 0), value=value)
+
+    def right(x, width, value):
+        return F.pad(x, (0, width - x.shape[1]), value=value)
+
+    return Generated(
+        query_ids=torch.cat([left(c.query_ids, lq, pad_id) for c in chunks]),
+        query_mask=torch.cat([left(c.query_mask, lq, 0) for c in chunks]),
+        response_ids=torch.cat([right(c.response_ids, lr, pad_id) for c in chunks]),
+        response_mask=torch.cat([right(c.response_mask, lr, 0) for c in chunks]),
+        ended_with_eos=torch.cat([c.ended_with_eos for c in chunks]),
+        texts=[t for c in chunks for t in c.texts],
+    )
+
+
+def _chunked(fn: Callable[..., Any], batch_size: int, *tensors: torch.Tensor) -> Any:
+    """Apply fn to row chunks of the tensors and concatenate the (tensor or tuple-of-tensor) results."""
+    outs = [fn(*(t[i : i + batch_size] for t in tensors)) for i in range(0, tensors[0].shape[0], batch_size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+    return torch.cat(outs)
+
+
+def _guard_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(f"non-finite {name}")
+
+
+@torch.no_grad()
+def collect_rollout(
+    roles: PolicyValueRoles,
+    tokenizer,
+    prompts: Sequence[str],
+    cfg: StudyConfig,
+    kl_beta: float,
+    reward_fn: RewardFn | None = None,
+    seed: int = 0,
+) -> Rollout:
+    """Steps 1-6 for one batch of raw prompts. Raises FloatingPointError on a non-finite quantity."""
+    ppo, gen = cfg.ppo, cfg.generation
+    batch = gen.batch_size
+    formatted = [format_prompt(tokenizer, p) for p in prompts]
+
+    # 1. rollout: pure temperature sampling (top_p 1, top_k 0) so step 2 can recompute the exact probabilities
+    chunks = []
+    with roles.role("policy") as policy:
+        for index, start in enumerate(range(0, len(formatted), batch)):
+            try:
+                chunks.append(
+                    generate(
+                        policy, tokenizer, formatted[start : start + batch], max_new_tokens=gen.max_new_tokens,
+                        temperature=gen.temperature, top_p=1.0, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                        generator_seed=seed * 1_000 + index,
+                    )
+                )
+            except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
+                if "inf" in str(err) or "nan" in str(err):
+                    raise FloatingPointError(f"non-finite sampling probabilities ({err})") from err
+                raise
+    sampled = _concat_generated(chunks, tokenizer.pad_token_id)
+    input_ids = torch.cat([sampled.query_ids, sampled.response_ids], dim=1)
+    attention_mask = torch.cat([sampled.query_mask, sampled.response_mask], dim=1)
+    mask = sampled.response_mask.float()
+    response_len = sampled.response_ids.shape[1]
+
+    # 2. logprobs under the policy and the reference (same temperature), and values, masked
+    logprobs, entropy = _chunked(lambda i, m: roles.policy_logprobs(i, m, response_len), batch, input_ids, attention_mask)
+    ref_logprobs = _chunked(lambda i, m: roles.reference_logprobs(i, m, response_len), batch, input_ids, attention_mask)
+    values = _chunked(lambda i, m: roles.values(i, m, response_len), batch, input_ids, attention_mask)
+    logprobs, ref_logprobs, entropy, values = logprobs * mask, ref_logprobs * mask, entropy * mask, values * mask
+    for name, tensor in (("policy logprobs", logprobs), ("reference logprobs", ref_logprobs), ("values", values)):
+        _guard_finite(name, tensor)
+
+    # 3. score at EOS; a response that ran out of tokens without EOS is penalised
+    if reward_fn is not None:
+        rm_scores = reward_fn(list(prompts), sampled.texts).to(mask.device).float()
+    elif not roles.scores_internally:
+        raise ValueError("No reward: the roles carry no reward adapter and no reward_fn was given.")
+    else:
+        rm_scores = _chunked(roles.reward_scores, batch, input_ids, attention_mask)
+    _guard_finite("reward-model scores", rm_scores)
+    scores = rm_scores - ppo.missing_eos_penalty * (~sampled.ended_with_eos).float()
+
+    # 4. per-token rewards: KL penalty everywhere, score at the last token
+    rewards, kl = per_token_rewards(logprobs, ref_logprobs, scores, mask, kl_beta)
+    if ppo.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+    # 5. GAE (gamma = 1, lambda = 0.95 in the paper's setting) and returns
+    advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.gae_lambda)
+
+    # 6. advantage whitening over every valid token of the batch
+    advantages = masked_whiten(advantages, mask)
+
+    return Rollout(
+        prompts=list(prompts), responses=sampled.texts, query_ids=sampled.query_ids, query_mask=sampled.query_mask,
+        response_ids=sampled.response_ids, response_mask=mask, ended_with_eos=sampled.ended_with_eos,
+        logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, values=values, rm_scores=rm_scores,
+        scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns,
+    )
+
+
+# ============================================================================================
+# Steps 7-8: PPO epochs over minibatches, with the optional pretraining (ptx) term
+# ============================================================================================
+
+
+class PretrainSampler:
+    """Batches of pretraining text for PPO-ptx, drawn by a seeded generator, tokenised on demand."""
+
+    def __init__(self, texts: Sequence[str], tokenizer, batch_size: int, max_tokens: int, device: torch.device):
+        if not texts:
+            raise ValueError("PPO-ptx needs pretraining texts; got none.")
+        self.texts, self.tokenizer, self.batch_size, self.max_tokens, self.device = list(texts), tokenizer, batch_size, max_tokens, device
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = torch.randint(len(self.texts), (self.batch_size,), generator=generator).tolist()
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer([self.texts[i] for i in picks], return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.max_tokens, add_special_tokens=False).to(self.device)
+        return enc["input_ids"], enc["attention_mask"]
+
+
+def ppo_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    ppo: PPOConfig,
+    minibatch_size: int,
+    generator: torch.Generator,
+    *,
+    accelerator=None,
+    micro_batch_size: int | None = None,
+    ptx_coef: float = 0.0,
+    ptx_sampler: PretrainSampler | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
+    first_step: int = 0,
+    ema: EMA | None = None,
+) -> list[dict[str, float]]:
+    """Step 7 (+8): `ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch.
+
+    loss = policy loss + value_loss_coef * value loss (+ ptx_coef * LM loss on pretraining text).
+    `model` is PolicyValueRoles, possibly wrapped by accelerate/DDP. A minibatch larger than
+    `micro_batch_size` rows is run in pieces whose gradients add up to the whole minibatch's (each piece's
+    loss is weighted by its share of the minibatch's tokens). Returns one stats dict per optimizer step.
+    Raises FloatingPointError on a non-finite loss (on every rank at once) before the step is taken.
+    """
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+    response_len = rollout.response_ids.shape[1]
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    micro_batch_size = micro_batch_size or minibatch_size
+    history: list[dict[str, float]] = []
+    step = first_step
+    for epoch in range(ppo.ppo_epochs):
+        order = torch.randperm(len(rollout), generator=generator).to(input_ids.device)
+        for start in range(0, len(rollout), minibatch_size):
+            idx = order[start : start + minibatch_size]
+            pieces = idx.split(micro_batch_size)
+            minibatch_tokens = rollout.response_mask[idx].sum().clamp(min=1)
+            ptx_ids = ptx_mask = None
+            if ptx_coef > 0:  # with ptx off the pretraining forward never runs: no ptx gradient at all
+                ptx_ids, ptx_mask = ptx_sampler.batch(generator)
+            if lr_schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_schedule(step)
+            optimizer.zero_grad(set_to_none=True)
+
+            finite, ptx, outputs = True, None, []
+            for k, piece in enumerate(pieces):
+                last = k == len(pieces) - 1
+                # DDP all-reduces gradients on the last piece's backward only.
+                sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(model)
+                with sync:
+                    logprobs, entropy, values, piece_ptx = model(
+                        input_ids[piece], attention_mask[piece], response_len,
+                        ptx_ids if last else None, ptx_mask if last else None,
+                    )
+                    mask = rollout.response_mask[piece]
+                    share = mask.sum() / minibatch_tokens
+                    pg_loss, _ = policy_loss(logprobs, rollout.logprobs[piece], rollout.advantages[piece], mask, ppo.clip_range)
+                    vf_loss, _ = value_loss(values, rollout.values[piece], rollout.returns[piece], mask, ppo.value_clip_range)
+                    loss = share * (pg_loss + ppo.value_loss_coef * vf_loss)
+                    if piece_ptx is not None:
+                        ptx = piece_ptx
+                        loss = loss + ptx_coef * piece_ptx
+                    finite = finite and bool(torch.isfinite(loss))
+                    # Backward even when non-finite: other DDP ranks wait for this all-reduce.
+                    if accelerator is not None:
+                        accelerator.backward(loss)
+                    else:
+                        loss.backward()
+                outputs.append((logprobs.detach(), entropy, values.detach()))
+
+            bad = torch.tensor(0.0 if finite else 1.0, device=input_ids.device)
+            if distributed:  # every rank must stop together, or the others would wait in all-reduce forever
+                bad = accelerator.reduce(bad, reduction="sum")
+            if bad.item() > 0:
+                raise FloatingPointError("non-finite loss")
+            if accelerator is not None:
+                grad_norm = accelerator.clip_grad_norm_(trainable, ppo.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, ppo.max_grad_norm)
+            optimizer.step()
+            if ema is not None:
+                ema.update()
+
+            # Statistics of the whole minibatch, from the pieces' detached outputs.
+            logprobs, entropy, values = (torch.cat(parts) for parts in zip(*outputs, strict=True))
+            mask = rollout.response_mask[idx]
+            with torch.no_grad():
+                pg_loss, pg_stats = policy_loss(logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, ppo.clip_range)
+                vf_loss, vf_stats = value_loss(values, rollout.values[idx], rollout.returns[idx], mask, ppo.value_clip_range)
+            ptx_value = ptx.item() if ptx is not None else float("nan")
+            history.append({
+                "epoch": epoch, "step": step, "policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                "ptx_loss": ptx_value, "loss": pg_loss.item() + ppo.value_loss_coef * vf_loss.item()
+                + (ptx_coef * ptx_value if ptx is not None else 0.0),
+                "grad_norm": float(grad_norm), "train_entropy": masked_mean(entropy, mask).item(),
+                "lr": optimizer.param_groups[0]["lr"], **pg_stats, **vf_stats,
+            })
+            step += 1
+    return history
+
+
+# ============================================================================================
+# Checkpoints, prompt schedule, logs
+# ============================================================================================
+
+CHECKPOINT_PREFIX = "checkpoint-"
+METRIC_COLUMNS = (
+    "iteration", "episodes", "time_s", "episodes_per_s", "lr", "kl_beta",
+    "rm_score", "score", "reward", "kl", "entropy", "response_length", "eos_rate", "explained_variance", "value_mean",
+    "policy_loss", "value_loss", "ptx_loss", "loss", "approx_kl", "clip_frac", "value_clip_frac", "grad_norm",
+    "train_entropy", "ratio_mean",
+)
+
+
+@dataclass
+class TrainState:
+    """Counters and controller values that a checkpoint restores besides the weights."""
+
+    iteration: int = 0
+    optimizer_steps: int = 0
+    kl_beta: float = 0.0
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted(p for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit())
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    out_dir: Path, roles: PolicyValueRoles, optimizer: torch.optim.Optimizer, state: TrainState, ema: EMA | None, extra: dict
+) -> Path:
+    """Trainable weights, optimizer moments, EMA, counters: into a temp dir, renamed into place, older ones removed."""
+    from safetensors.torch import save_file
+
+    final = out_dir / f"{CHECKPOINT_PREFIX}{state.iteration:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=out_dir))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in roles.named_trainable().items()}, str(tmp / "trainable.safetensors"))
+        if ema is not None:
+            save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), **extra}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for older in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        if older != final and older.is_dir():
+            shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, roles: PolicyValueRoles, optimizer: torch.optim.Optimizer, ema: EMA | None) -> TrainState:
+    from safetensors.torch import load_file
+
+    device = next(roles.parameters()).device
+    trainable = roles.named_trainable()
+    saved = load_file(str(path / "trainable.safetensors"), device=str(device))
+    if set(saved) != set(trainable):
+        raise ValueError(f"{path}: checkpoint weights do not match this model's trainable parameters (another config?).")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name])
+    optimizer.load_state_dict(models.safe_torch_load(path / "optimizer.pt", map_location=device))
+    if ema is not None:
+        ema.shadow = load_file(str(path / "ema.safetensors"), device=str(device))
+    record = json.loads((path / "state.json").read_text())
+    return TrainState(iteration=record["iteration"], optimizer_steps=record["optimizer_steps"], kl_beta=record["kl_beta"])
+
+
+def iteration_prompts(prompts: Sequence[str], iteration: int, batch: int, seed: int) -> list[str]:
+    """The `batch` prompts of iteration i (1-based): consecutive slices of seeded per-epoch permutations."""
+    n = len(prompts)
+    picks, perms = [], {}
+    for k in range((iteration - 1) * batch, iteration * batch):
+        epoch, position = divmod(k, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        picks.append(prompts[perms[epoch][position]])
+    return picks
+
+
+def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    return (seed * 1_000_003 + iteration * 9_176 + rank * 101) % (2**31)
+
+
+class RunLog:
+    """metrics.csv, samples.jsonl and TensorBoard events of a run (only the main process writes).
+
+    On resume, rows of iterations after the checkpoint are dropped first: those iterations are redone.
+    """
+
+    def __init__(self, out_dir: Path, resume_from: int, enabled: bool):
+        self.metrics, self.samples, self.tensorboard = out_dir / "metrics.csv", out_dir / "samples.jsonl", out_dir / "tensorboard"
+        self.enabled, self.writer = enabled, None
+        if enabled:
+            self._trim(resume_from)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.tensorboard), purge_step=resume_from + 1)
+
+    def _trim(self, keep_through: int) -> None:
+        if self.metrics.exists():
+            lines = self.metrics.read_text().splitlines(keepends=True)
+            self.metrics.write_text("".join(lines[:1] + [x for x in lines[1:] if int(x.split(",", 1)[0]) <= keep_through]))
+        if self.samples.exists():
+            lines = self.samples.read_text().splitlines(keepends=True)
+            self.samples.write_text("".join(x for x in lines if json.loads(x)["iteration"] <= keep_through))
+
+    def write(self, row: dict[str, float], rollout: Rollout, n_samples: int) -> None:
+        if not self.enabled:
+            return
+        new_file = not self.metrics.exists()
+        with self.metrics.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        with self.samples.open("a") as handle:
+            for i in range(min(n_samples, len(rollout))):
+                handle.write(json.dumps({
+                    "iteration": row["iteration"], "prompt": rollout.prompts[i], "response": rollout.responses[i],
+                    "score": rollout.scores[i].item(), "rm_score": rollout.rm_scores[i].item(),
+                    "kl": rollout.kl[i].sum().item(), "ended_with_eos": bool(rollout.ended_with_eos[i]),
+                }) + "\n")
+        for key in METRIC_COLUMNS[1:]:
+            self.writer.add_scalar(f"ppo/{key}", row[key], row["iteration"])
+        self.writer.flush()
+
+    def rows(self) -> list[dict[str, float]]:
+        if not self.metrics.exists():
+            return []
+        with self.metrics.open() as handle:
+            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(handle)]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _mean(history: list[dict[str, float]], key: str) -> float:
+    values = [h[key] for h in history if not math.isnan(h[key])]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _check_resumable(checkpoint: Path, ppo: PPOConfig) -> None:
+    """Warn when a run resumes with PPO knobs other than those it started with (iterations aside)."""
+    saved = json.loads((checkpoint / "state.json").read_text()).get("ppo", {})
+    changed = sorted(k for k, v in asdict(ppo).items() if k != "iterations" and k in saved and saved[k] != v)
+    if changed:
+        warnings.warn(f"Resuming {checkpoint} with changed [ppo] knobs: {', '.join(changed)}.", stacklevel=3)
+
+
+def export_run(roles: PolicyValueRoles, ema: EMA | None, out_dir: Path, base_name: str, meta: dict) -> tuple[Path, Path]:
+    """Save the policy to evaluate (EMA weights when on; the raw ones as policy_last) and the value function."""
+    policy_dir, value_dir = out_dir / "policy", out_dir / "value"
+    if ema is not None:
+        with ema.applied():
+            save_policy_dir(roles.model, "policy", policy_dir, base_name, **meta)
+        save_policy_dir(roles.model, "policy", out_dir / "policy_last", base_name, **meta)
+    else:
+        save_policy_dir(roles.model, "policy", policy_dir, base_name, **meta)
+    save_reward_dir(roles.model, "value", roles.value_head, value_dir, base_name, bias=0.0, role="value")
+    return policy_dir, value_dir
+
+
+# ============================================================================================
+# The loop
+# ============================================================================================
+
+
+def train_ppo(
+    cfg: StudyConfig,
+    policy_init_dir: str | Path | None,
+    reward_dir: str | Path | None,
+    prompts: list[str],
+    pretrain_texts: list[str],
+    out_dir: str | Path,
+    ptx: bool,
+    *,
+    reward_fn: RewardFn | None = None,
+    accelerator=None,
+    progress: bool = True,
+    samples_per_iteration: int = 8,
+) -> PPOResult:
+    """Train a policy with PPO (ptx=False) or PPO-ptx (ptx=True) and return where everything went.
+
+    policy_init_dir: SFT adapter directory (None: start from the base, which is then also the reference).
+    reward_dir: RM directory; `reward_fn` overrides its scoring (e.g. a gold labeler), while a same-base
+    RM still initialises the value function. Rerunning with the same out_dir resumes from its last
+    checkpoint; raising `cfg.ppo.iterations` continues a finished run. Forward passes (rollout scoring
+    and PPO minibatches) run at most `cfg.generation.batch_size` sequences at a time.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    ppo = cfg.ppo
+    ptx_coef = ppo.ptx_coef if ptx else 0.0
+    if ptx and ptx_coef <= 0:
+        raise ValueError("ptx=True needs [ppo] ptx_coef > 0 (the paper's gamma is 27.8); with 0 PPO-ptx would equal PPO.")
+    if cfg.generation.temperature <= 0:
+        raise ValueError("PPO samples its rollouts: [generation] temperature must be > 0 (the paper uses 1).")
+    if not prompts:
+        raise ValueError("train_ppo needs at least one prompt.")
+    if reward_dir is None and reward_fn is None:
+        raise ValueError("Pass reward_dir (a trained RM) or reward_fn.")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if ppo.rollout_batch % world or ppo.minibatch % world:
+        raise ValueError(f"rollout_batch ({ppo.rollout_batch}) and minibatch ({ppo.minibatch}) must divide by the {world} processes.")
+    local_minibatch = ppo.minibatch // world  # rollout_batch and minibatch are global, as in the paper
+    updates_per_iteration = ppo.ppo_epochs * (ppo.rollout_batch // ppo.minibatch)
+
+    # Models, optimizer, controllers; then the last checkpoint, if any.
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    roles, tokenizer, rm_fn, base_name = build_roles(
+        cfg, policy_init_dir, reward_dir, device=accelerator.device, need_reward=reward_fn is None
+    )
+    reward_fn = reward_fn or rm_fn
+    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=ppo.learning_rate, eps=ADAM_EPS, weight_decay=0.0)
+    ema = EMA(roles.named_policy_parameters(), ppo.ema_decay) if ppo.ema_decay > 0 else None
+    kl_ctl = KLController(ppo.kl_beta, ppo.adaptive_kl, ppo.target_kl)
+    state = TrainState(kl_beta=kl_ctl.value)
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is not None:
+        _check_resumable(checkpoint, ppo)
+        state = load_checkpoint(checkpoint, roles, optimizer, ema)
+        kl_ctl.value = state.kl_beta
+    model, optimizer = accelerator.prepare(roles, optimizer)  # DDP around the trainable forward when distributed
+    ptx_sampler = None
+    if ptx_coef > 0:
+        ptx_sampler = PretrainSampler(pretrain_texts, tokenizer, ppo.ptx_batch, cfg.sft.max_seq_tokens, accelerator.device)
+
+    log = RunLog(out_dir, state.iteration, enabled=main)
+    run_info = {"seed": cfg.seed, "base_model": base_name, "ptx": ptx, "world_size": world, "ppo": asdict(ppo)}
+    bar = tqdm(range(state.iteration + 1, ppo.iterations + 1), initial=state.iteration, total=ppo.iterations,
+               desc="PPO-ptx" if ptx else "PPO", unit="it", disable=not (progress and main))
+    try:
+        for iteration in bar:
+            started = time.time()
+            seed = _iteration_seed(cfg.seed, iteration, rank)
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            batch_prompts = iteration_prompts(prompts, iteration, ppo.rollout_batch, cfg.seed)[rank::world]
+            try:
+                # Steps 1-6.
+                rollout = collect_rollout(roles, tokenizer, batch_prompts, cfg, kl_ctl.value, reward_fn, seed=seed)
+                stats = rollout.stats()
+                # Divergence guards read means over all ranks, so every rank stops together.
+                kl, entropy = accelerator.reduce(torch.tensor([stats["kl"], stats["entropy"]], device=accelerator.device), "mean").tolist()
+                if kl > ppo.max_kl:
+                    raise FloatingPointError(f"mean sequence KL {kl:.3f} > max_kl {ppo.max_kl}")
+                if entropy < ppo.min_entropy:
+                    raise FloatingPointError(f"mean token entropy {entropy:.4f} < min_entropy {ppo.min_entropy}")
+                # Steps 7-8.
+                if cfg.model.gradient_checkpointing:
+                    roles.train()  # HF only checkpoints in train mode; dropout is already zero everywhere
+                steps = ppo_update(
+                    model, optimizer, rollout, ppo, local_minibatch, generator, accelerator=accelerator,
+                    micro_batch_size=cfg.generation.batch_size, ptx_coef=ptx_coef, ptx_sampler=ptx_sampler,
+                    lr_schedule=lambda step: learning_rate_at(step, ppo, updates_per_iteration),
+                    first_step=state.optimizer_steps, ema=ema,
+                )
+                roles.eval()
+            except FloatingPointError as err:
+                if main:
+                    (out_dir / "DIVERGED.json").write_text(json.dumps({"iteration": iteration, "reason": str(err)}, indent=1))
+                raise PPODivergence(str(err), iteration, latest_checkpoint(out_dir)) from err
+
+            # Step 9: the KL controller; then metrics (averaged over ranks), logs and the checkpoint.
+            row = {**stats, **{k: _mean(steps, k) for k in (
+                "policy_loss", "value_loss", "ptx_loss", "loss", "approx_kl", "clip_frac", "value_clip_frac",
+                "grad_norm", "train_entropy", "ratio_mean")}}
+            keys = sorted(row)
+            means = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device, dtype=torch.float64), "mean")
+            row = dict(zip(keys, means.tolist(), strict=True))
+            kl_ctl.update(row["kl"], ppo.rollout_batch)
+            state = TrainState(iteration=iteration, optimizer_steps=state.optimizer_steps + len(steps), kl_beta=kl_ctl.value)
+            elapsed = time.time() - started
+            row.update(iteration=iteration, episodes=iteration * ppo.rollout_batch, time_s=elapsed,
+                       episodes_per_s=ppo.rollout_batch / elapsed, lr=steps[-1]["lr"], kl_beta=kl_ctl.value)
+            log.write(row, rollout, samples_per_iteration)
+            if main:
+                save_checkpoint(out_dir, roles, optimizer, state, ema, run_info)
+                bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}")
+            accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+        log.close()
+
+    policy_dir, value_dir = out_dir / "policy", out_dir / "value"
+    if main:
+        meta = {"method": "ppo-ptx" if ptx else "ppo", "iterations": state.iteration, "ema_decay": ppo.ema_decay,
+                "finetune": "lora", "quantize_4bit": cfg.model.quantize_4bit}
+        export_run(roles, ema, out_dir, base_name, meta)
+        (out_dir / "result.json").write_text(json.dumps({**run_info, "iterations_done": state.iteration}, indent=1))
+    accelerator.wait_for_everyone()
+    return PPOResult(out_dir=out_dir, policy_dir=policy_dir, value_dir=value_dir, metrics_csv=log.metrics,
+                     samples_jsonl=log.samples, tensorboard_dir=log.tensorboard, iterations=state.iteration,
+                     metrics=log.rows())
+
+
+# ============================================================================================
+# The stage (notebook 04 and run_all)
+# ============================================================================================
+
+
+def run_ppo_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
+    """PPO and PPO-ptx from the PPO initialisation against the trained RM; cached per fingerprint.
+
+    Writes ppo/ and ppo_ptx/ (policy, value, metrics.csv, samples.jsonl, tensorboard/). Each run
+    trains in runs/<preset>/work-ppo-<fp>/ first, so an interrupted run resumes from its last
+    checkpoint; only finished runs are published.
+    """
+    from rlhf_lib.data.study import StudyData
+    from rlhf_lib.pipeline import cached_stage
+
+    data = StudyData.load(paths.require("data") / "study")
+    init_dir = paths.require("sft") / "ppo_init"
+    reward_dir = paths.require("reward") / "model"
+    prompts = list(data.split("ppo")["prompt"])
+    pretrain = list(data.pretrain["text"])
+    work = paths.root / f"work-ppo-{cfg.fingerprint('ppo')}"
+    with cached_stage(paths, "ppo") as stage:
+        if not stage.done:
+            for name, ptx in (("ppo", False), ("ppo_ptx", True)):
+                train_ppo(cfg, init_dir, reward_dir, prompts, pretrain, work / name, ptx=ptx,
+                          progress=progress, samples_per_iteration=cfg.ppo.rollout_batch)
+                shutil.copytree(work / name, stage.dir / name, ignore=shutil.ignore_patterns(f"{CHECKPOINT_PREFIX}*"))
+    shutil.rmtree(work, ignore_errors=True)
+    return paths.stage("ppo")

@@ -1,0 +1,509 @@
+"""PPO: the math on hand-computed toys, the roles on one base, and whole runs on the micro model.
+
+The SFT and RM directories are built here from the micro model (random LoRA + ScalarHead), in the
+formats rlhf_lib.adapters documents, so these tests do not depend on the SFT/RM training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_lib import models
+from rlhf_lib.adapters import save_policy_dir, save_reward_dir, score_token_ids
+from rlhf_lib.config import load_preset
+from rlhf_lib.generation import generate
+from rlhf_lib.ppo import (
+    KLController,
+    PPODivergence,
+    build_roles,
+    collect_rollout,
+    gae,
+    iteration_prompts,
+    learning_rate_at,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    ppo_update,
+    train_ppo,
+    value_loss,
+)
+from rlhf_lib.prompting import format_prompt
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = [f"Write one sentence about topic number {i}." for i in range(8)]
+PROSE = ["The river rose in the spring and the town moved its market up the hill.",
+         "A lighthouse keeper wrote down the weather every morning for forty years."]
+
+
+def micro_cfg(**overrides):
+    """The micro preset, a little smaller still: 4 episodes of 4 tokens per iteration."""
+    values = {"ppo.iterations": 2, "ppo.rollout_batch": 4, "ppo.minibatch": 2, "ppo.ppo_epochs": 1,
+              "generation.max_new_tokens": 4, "data.max_prompt_tokens": 64}
+    values.update(overrides)
+    return load_preset("micro", values)
+
+
+def _random_lora(seed: int):
+    torch.manual_seed(seed)
+    lm = models.add_lora(models.load_causal_lm("micro"), rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():  # B = 0 would make the adapter a no-op; give it a real effect
+        for name, param in lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return lm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Micro-model ops are tiny: on 2 shared cores a second intra-op thread only adds waiting (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    """`sft/` (policy-dir format) and `rm/` (reward-dir format) on the micro base."""
+    root = tmp_path_factory.mktemp("ppo_artifacts")
+    save_policy_dir(_random_lora(1), "default", root / "sft", "micro")
+    torch.manual_seed(2)
+    head = models.ScalarHead(models.MICRO_CONFIG["hidden_size"])
+    save_reward_dir(_random_lora(3), "default", head, root / "rm", "micro", bias=0.25)
+    return root
+
+
+# ============================================================================================
+# The math, by hand
+# ============================================================================================
+
+
+def test_gae_matches_hand_computation_with_mask():
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 5.0], [0.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5, 9.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # Row 0 ends at t=2, so V_3 = 9 and r_3 = 5 must not leak in:
+    #   d2 = 2 - 1.5 = 0.5            A2 = 0.5
+    #   d1 = 0 + 1.5 - 1.0 = 0.5      A1 = 0.5 + 0.5 * 0.5 = 0.75
+    #   d0 = 1 + 1.0 - 0.5 = 1.5      A0 = 1.5 + 0.5 * 0.75 = 1.875
+    # Row 1: only the last reward, zero values: A_t = 0.5 ** (3 - t).
+    expected = torch.tensor([[1.875, 0.75, 0.5, 0.0], [0.125, 0.25, 0.5, 1.0]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, (expected + values) * mask)
+
+
+def test_gae_with_papers_gamma_and_lambda():
+    rewards = torch.tensor([[0.0, 0.0, 3.0]])
+    advantages, _ = gae(rewards, torch.zeros(1, 3), torch.ones(1, 3), gamma=1.0, lam=0.95)
+    torch.testing.assert_close(advantages, torch.tensor([[3 * 0.95**2, 3 * 0.95, 3.0]]))
+
+
+def test_per_token_kl_and_reward_shaping():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0], [-0.5, -1.5, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards, kl = per_token_rewards(logprobs, ref_logprobs, torch.tensor([2.0, -1.0]), mask, kl_beta=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    # -beta * KL at every valid token; the score lands on the LAST VALID token (the EOS), not the last column.
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 2.0, 0.0], [0.0, -0.1, -1.0]]))
+
+
+def test_whitening_uses_only_valid_tokens():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    white = masked_whiten(x, mask)
+    assert abs(masked_mean(white, mask).item()) < 1e-6
+    valid = white[mask.bool()]
+    assert abs(valid.std().item() - 1.0) < 1e-3  # unbiased std over the 4 valid entries
+    assert (white[~mask.bool()] == 0).all()
+
+
+def test_clipped_losses_on_a_toy():
+    mask = torch.ones(1, 2)
+    old = torch.log(torch.tensor([[0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.5, 0.75]]))  # ratios 1.0 and 1.5
+    advantages = torch.tensor([[1.0, 1.0]])
+    loss, stats = policy_loss(new, old, advantages, mask, clip_range=0.2)
+    # max(-A r, -A clip(r)) = max(-1, -1) and max(-1.5, -1.2) = -1.2
+    assert loss.item() == pytest.approx((-1.0 - 1.2) / 2)
+    assert stats["clip_frac"] == pytest.approx(0.5)
+    loss, _ = value_loss(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]]), mask, 0.5)
+    # token 0: unclipped (2-1)^2 = 1, clipped (0.5-1)^2 = 0.25 -> 1; token 1: 1 -> 0.5 * mean(1, 1)
+    assert loss.item() == pytest.approx(0.5)
+
+
+def test_adaptive_kl_moves_beta_towards_target_and_lr_warms_up():
+    ctl = KLController(0.1, adaptive=True, target=6.0, horizon=100)
+    ctl.update(current_kl=12.0, episodes=10)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    fixed = KLController(0.1)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.1
+    ppo = micro_cfg(**{"ppo.warmup_iterations": 2, "ppo.learning_rate": 1.0}).ppo
+    assert [learning_rate_at(s, ppo, updates_per_iteration=2) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_iteration_prompts_cover_every_prompt_once_per_epoch():
+    seen = iteration_prompts(PROMPTS, 1, 4, seed=0) + iteration_prompts(PROMPTS, 2, 4, seed=0)
+    assert sorted(seen) == sorted(PROMPTS)
+    assert iteration_prompts(PROMPTS, 3, 4, seed=0) != iteration_prompts(PROMPTS, 3, 4, seed=1)
+
+
+# ============================================================================================
+# The roles on one base
+# ============================================================================================
+
+
+def test_recomputed_logprobs_use_the_rollout_temperature(artifacts, micro_tokenizer):
+    cfg = micro_cfg(**{"generation.temperature": 0.7})
+    roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm", need_reward=False)
+    texts = [format_prompt(tokenizer, p) for p in PROMPTS[:2]] + [format_prompt(tokenizer, "Hi")]  # ragged: left padding
+    with roles.role("policy") as policy:
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(0)
+        out = policy.generate(**encoded, max_new_tokens=4, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                              output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    response = out.sequences[:, encoded["input_ids"].shape[1]:]
+    sampled_logprobs = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    mask = torch.cat([encoded["attention_mask"], torch.ones_like(response)], 1)
+    with torch.no_grad():
+        recomputed, _ = roles.policy_logprobs(out.sequences, mask, response.shape[1])
+    torch.testing.assert_close(recomputed, sampled_logprobs, atol=1e-4, rtol=0)
+
+
+def test_adapters_switch_without_leaking_weights(artifacts):
+    cfg = micro_cfg(**{"ppo.learning_rate": 1e-2})
+    roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm")
+    frozen = {n: p.detach().clone() for n, p in roles.named_parameters()
+              if ".reference." in n or ".reward." in n or n.startswith("reward_head")}
+    assert frozen and not any(p.requires_grad for n, p in roles.named_parameters() if n in frozen)
+    trainable = roles.named_trainable()
+    assert any(".policy." in n for n in trainable) and any(".value." in n for n in trainable)
+    assert "value_head.linear.weight" in trainable and not any("reward_head" in n for n in trainable)
+
+    rollout = collect_rollout(roles, tokenizer, PROMPTS[:4], cfg, kl_beta=0.02, seed=0)
+    ids, mask, length = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
+    with torch.no_grad():
+        ref_before = roles.reference_logprobs(ids, mask, length)
+        reward_before = roles.reward_scores(ids, mask)
+        policy_before = roles.policy_logprobs(ids, mask, length)[0]
+        values_before = roles.values(ids, mask, length)
+    torch.testing.assert_close(policy_before * rollout.response_mask, rollout.ref_logprobs)  # policy starts = SFT
+
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-2)
+    ppo_update(roles, optimizer, rollout, cfg.ppo, 4, torch.Generator().manual_seed(0))  # one step, nothing clipped
+    # After that backward both trainable adapters and the value head hold gradients; frozen roles none.
+    for name, param in trainable.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(p.grad is None for n, p in roles.named_parameters() if n in frozen)
+    ppo_update(roles, optimizer, rollout, cfg.ppo, 2, torch.Generator().manual_seed(0))  # more steps, more switching
+    # Switching roles (including peft's set_adapter inside) never changed what trains.
+    assert set(roles.named_trainable()) == set(trainable)
+
+    with torch.no_grad():
+        assert torch.equal(roles.reference_logprobs(ids, mask, length), ref_before)
+        assert torch.equal(roles.reward_scores(ids, mask), reward_before)
+        assert not torch.allclose(roles.policy_logprobs(ids, mask, length)[0], policy_before)
+        assert not torch.allclose(roles.values(ids, mask, length), values_before)
+    for name, param in roles.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+
+
+def test_reference_is_the_bare_base_without_an_sft_adapter(artifacts):
+    cfg = micro_cfg(**{"ppo.learning_rate": 1e-2})
+    roles, tokenizer, _, _ = build_roles(cfg, None, artifacts / "rm")
+    assert roles.adapters["reference"] is None
+    rollout = collect_rollout(roles, tokenizer, PROMPTS[:2], cfg, kl_beta=0.02, seed=0)
+    assert rollout.kl.abs().max().item() == 0.0  # fresh LoRA (B = 0) equals the base exactly
+    ids, mask, length = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
+    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=1e-2)
+    for _ in range(2):
+        ppo_update(roles, optimizer, rollout, cfg.ppo, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(roles.reference_logprobs(ids, mask, length) * rollout.response_mask,
+                                   rollout.ref_logprobs, atol=0, rtol=0)
+        assert not torch.allclose(roles.policy_logprobs(ids, mask, length)[0] * rollout.response_mask, rollout.ref_logprobs)
+
+
+@pytest.fixture()
+def micro_roles(artifacts):
+    cfg = micro_cfg()
+    roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm")
+    rollout = collect_rollout(roles, tokenizer, PROMPTS[:4], cfg, kl_beta=0.02, seed=0)
+    return cfg, roles, tokenizer, rollout
+
+
+def test_first_minibatch_has_ratio_one_and_no_clipping_and_missing_eos_is_penalised(micro_roles):
+    cfg, roles, _, rollout = micro_roles
+    expected = rollout.rm_scores - cfg.ppo.missing_eos_penalty * (~rollout.ended_with_eos).float()
+    torch.testing.assert_close(rollout.scores, expected)
+    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=1e-2)
+    ppo = micro_cfg(**{"ppo.ppo_epochs": 2}).ppo
+    history = ppo_update(roles, optimizer, rollout, ppo, 2, torch.Generator().manual_seed(0))
+    first = history[0]
+    assert first["ratio_max_dev"] < 1e-5 and first["clip_frac"] == 0.0 and abs(first["approx_kl"]) < 1e-7
+    assert max(h["ratio_max_dev"] for h in history[1:]) > 1e-4  # later minibatches see a moved policy
+
+
+def test_policy_loss_decreases_on_a_fixed_batch(micro_roles):
+    cfg, roles, _, rollout = micro_roles
+    ppo = dataclasses.replace(cfg.ppo, clip_range=10.0)  # no clipping: the surrogate itself must go down
+    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=3e-3)
+    losses = [ppo_update(roles, optimizer, rollout, ppo, 4, torch.Generator())[0]["policy_loss"] for _ in range(4)]
+    assert losses[-1] < losses[0] - 1e-3, losses
+    assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:], strict=False)), losses
+
+
+def test_micro_batches_add_up_to_the_minibatch_gradient(micro_roles):
+    cfg, roles, _, rollout = micro_roles
+    trainable = roles.named_trainable()
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=0.0)  # gradients only, weights stay put
+    grads = []
+    for micro in (4, 1):
+        ppo_update(roles, optimizer, rollout, cfg.ppo, 4, torch.Generator().manual_seed(0), micro_batch_size=micro)
+        grads.append({n: p.grad.clone() for n, p in trainable.items()})
+    for name in trainable:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4)
+
+
+class CountingSampler:
+    """A PretrainSampler stand-in that records whether PPO asked it for text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def batch(self, generator):
+        self.calls += 1
+        enc = self.tokenizer(PROSE, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.mark.parametrize("ptx_coef", [0.0, 1.0])
+def test_ptx_gradient_only_when_ptx_coef_positive(micro_roles, ptx_coef):
+    cfg, roles, tokenizer, rollout = micro_roles
+    # Zero advantages and returns equal to the old values: the PPO terms have exactly zero gradient,
+    # so any gradient on the policy adapter can only come from the pretraining term.
+    rollout.advantages = torch.zeros_like(rollout.advantages)
+    rollout.returns = rollout.values.clone()
+    policy = roles.named_policy_parameters()
+    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=0.0)
+    sampler = CountingSampler(tokenizer)
+    history = ppo_update(roles, optimizer, rollout, cfg.ppo, 4, torch.Generator(), ptx_coef=ptx_coef, ptx_sampler=sampler)
+    grad_total = sum(p.grad.abs().sum().item() for p in policy.values() if p.grad is not None)
+    if ptx_coef == 0:
+        assert sampler.calls == 0 and grad_total == 0.0
+        assert history[0]["ptx_loss"] != history[0]["ptx_loss"]  # NaN: not computed
+    else:
+        assert sampler.calls == 1 and grad_total > 0
+        assert history[0]["ptx_loss"] > 0
+
+
+def test_non_finite_loss_raises_before_stepping(micro_roles):
+    cfg, roles, _, rollout = micro_roles
+    rollout.advantages[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in roles.named_trainable().items()}
+    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=1e-2)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        ppo_update(roles, optimizer, rollout, cfg.ppo, 4, torch.Generator())
+    assert all(torch.equal(p, before[n]) for n, p in roles.named_trainable().items())
+
+
+def test_in_model_rm_score_is_the_reward_stage_definition(artifacts):
+    """PPO's in-model score (shared base) equals rlhf_lib.reward's text score on the same tokens."""
+    from rlhf_lib.reward import RewardModel
+
+    rm = RewardModel.load(artifacts / "rm", device="cpu")
+    prompts, responses = ["Hi", "Tell me a much longer story about a dragon and a cat."], ["Hello!", "Once upon a time."]
+    batch = rm.encode(prompts, responses)
+    with torch.no_grad():
+        ours = score_token_ids(rm.model, rm.head, batch["input_ids"], batch["attention_mask"], bias=rm.bias)
+    torch.testing.assert_close(ours, rm.score_texts(prompts, responses), atol=1e-5, rtol=0)
+    assert rm.bias == 0.25
+
+
+def test_rm_that_cannot_share_the_base_scores_text_separately(artifacts, tmp_path, micro_tokenizer):
+    """A fully fine-tuned RM (or one on another base) is its own model, called on (prompt, response) text."""
+    rm_dir = tmp_path / "rm_full"
+    models.load_causal_lm("micro").save_pretrained(rm_dir / "full")
+    micro_tokenizer.save_pretrained(rm_dir / "full")
+    torch.manual_seed(4)
+    models.ScalarHead(models.MICRO_CONFIG["hidden_size"]).save(rm_dir / "head.safetensors")
+    (rm_dir / "meta.json").write_text(json.dumps({"base_model": "micro", "bias": 0.5, "finetune": "full"}))
+    cfg = micro_cfg()
+    with pytest.warns(UserWarning, match="value function starts from the SFT adapter"):
+        roles, tokenizer, reward_fn, _ = build_roles(cfg, artifacts / "sft", rm_dir)
+    assert reward_fn is not None and not roles.scores_internally and "reward" not in roles.adapters
+    assert roles.value_head.linear.weight.abs().sum() == 0  # values start at the head's bias, 0
+    rollout = collect_rollout(roles, tokenizer, PROMPTS[:2], cfg, kl_beta=0.02, reward_fn=reward_fn, seed=0)
+    from rlhf_lib.reward import RewardModel
+
+    expected = RewardModel.load(rm_dir, device="cpu").score_texts(rollout.prompts, rollout.responses)
+    torch.testing.assert_close(rollout.rm_scores, expected)
+
+
+# ============================================================================================
+# Whole runs
+# ============================================================================================
+
+
+@pytest.fixture(scope="module")
+def finished_run(artifacts, tmp_path_factory):
+    """One uninterrupted 2-iteration run with the shared-base RM (reused by several tests)."""
+    out = tmp_path_factory.mktemp("ppo_run") / "out"
+    result = train_ppo(micro_cfg(**{"ppo.ema_decay": 0.9}), artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, out,
+                       ptx=False, progress=False)
+    return result
+
+
+def test_end_to_end_run_writes_metrics_samples_and_adapters(finished_run):
+    result = finished_run
+    assert result.iterations == 2 and [row["iteration"] for row in result.metrics] == [1.0, 2.0]
+    header = result.metrics_csv.read_text().splitlines()[0].split(",")
+    for column in ("score", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "policy_loss", "ptx_loss",
+                   "response_length", "explained_variance", "eos_rate", "time_s"):
+        assert column in header
+    samples = [json.loads(line) for line in result.samples_jsonl.read_text().splitlines()]
+    assert {s["iteration"] for s in samples} == {1, 2} and {"prompt", "response", "score"} <= set(samples[0])
+    assert any(result.tensorboard_dir.glob("events.out.tfevents.*"))
+    assert json.loads((result.policy_dir / "meta.json").read_text())["base_model"] == "micro"
+    assert (result.policy_dir / "adapter_model.safetensors").exists() and (result.out_dir / "policy_last").is_dir()
+    assert (result.value_dir / "head.safetensors").exists()
+    assert [p.name for p in result.out_dir.glob("checkpoint-*")] == ["checkpoint-000002"]
+    # policy_last holds exactly the checkpoint's policy weights, under peft's adapter-free key names.
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(result.out_dir / "checkpoint-000002" / "trainable.safetensors"))
+    exported = load_file(str(result.out_dir / "policy_last" / "adapter_model.safetensors"))
+    policy = {k.removeprefix("model.").replace(".policy.", "."): v for k, v in checkpoint.items() if ".policy." in k}
+    assert policy.keys() == exported.keys() and all(torch.equal(policy[k], exported[k]) for k in policy)
+
+
+def test_interrupted_run_resumes_and_reproduces(finished_run, artifacts, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import rlhf_lib.ppo as ppo_module
+
+    cfg = micro_cfg(**{"ppo.ema_decay": 0.9})
+    real_save = ppo_module.save_checkpoint
+
+    def crash_at_second(out_dir, roles, optimizer, state, ema, extra):
+        if state.iteration == 2:  # the metrics row of iteration 2 is already written: it must be dropped
+            raise KeyboardInterrupt
+        return real_save(out_dir, roles, optimizer, state, ema, extra)
+
+    monkeypatch.setattr(ppo_module, "save_checkpoint", crash_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(cfg, artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=False, progress=False)
+    monkeypatch.setattr(ppo_module, "save_checkpoint", real_save)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-000001"]
+
+    resumed = train_ppo(cfg, artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=False, progress=False)
+    assert resumed.iterations == 2 and [row["iteration"] for row in resumed.metrics] == [1.0, 2.0]
+    for key in ("score", "kl", "policy_loss", "value_loss"):
+        assert [r[key] for r in resumed.metrics] == [r[key] for r in finished_run.metrics], key
+    a = load_file(str(finished_run.out_dir / "checkpoint-000002" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "checkpoint-000002" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = load_file(str(finished_run.policy_dir / "adapter_model.safetensors"))
+    ema_b = load_file(str(resumed.policy_dir / "adapter_model.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_divergence_guard_fires_on_injected_nan_and_keeps_last_checkpoint(artifacts, tmp_path):
+    calls = {"n": 0}
+
+    def reward_fn(prompts, responses):
+        calls["n"] += 1
+        scores = torch.zeros(len(prompts))
+        if calls["n"] == 2:
+            scores[0] = float("nan")
+        return scores
+
+    with pytest.raises(PPODivergence, match="non-finite reward-model scores") as err:
+        train_ppo(micro_cfg(), artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=False,
+                  reward_fn=reward_fn, progress=False)
+    assert err.value.iteration == 2 and err.value.checkpoint.name == "checkpoint-000001"
+    assert json.loads((tmp_path / "DIVERGED.json").read_text())["iteration"] == 2
+    assert len(tmp_path.joinpath("metrics.csv").read_text().splitlines()) == 2  # header + iteration 1
+
+
+def test_entropy_guard_stops_before_any_update(artifacts, tmp_path):
+    cfg = micro_cfg(**{"ppo.min_entropy": 1e6})
+    with pytest.raises(PPODivergence, match="entropy") as err:
+        train_ppo(cfg, artifacts / "sft", None, PROMPTS, PROSE, tmp_path, ptx=False,
+                  reward_fn=lambda p, r: torch.zeros(len(p)), progress=False)
+    assert err.value.iteration == 1 and err.value.checkpoint is None
+
+
+def test_ppo_ptx_run_logs_the_pretraining_loss(artifacts, tmp_path):
+    cfg = micro_cfg(**{"ppo.iterations": 1, "ppo.ptx_coef": 2.0, "ppo.ptx_batch": 2})
+    result = train_ppo(cfg, artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=True, progress=False)
+    assert result.metrics[0]["ptx_loss"] > 0  # an LM loss in nats, logged every iteration
+    assert json.loads((result.policy_dir / "meta.json").read_text())["method"] == "ppo-ptx"
+
+
+def test_ptx_flag_needs_a_positive_coefficient(artifacts, tmp_path):
+    with pytest.raises(ValueError, match="ptx_coef"):
+        train_ppo(micro_cfg(**{"ppo.ptx_coef": 0.0}), artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=True, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_ranks_stay_in_sync(artifacts, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(REPO / "tests" / "ppo_ddp_worker.py"), str(artifacts), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((tmp_path / "sync.json").read_text())
+    assert record["world_size"] == 2 and record["ranks"] == [0, 1]
+    assert record["advantage_sums"][0] != record["advantage_sums"][1]  # the ranks saw different episodes...
+    first, second = record["checksums"]
+    assert first == second  # ...yet hold identical weights after the DDP step
+    assert first != record["initial_checksum"]
+    assert record["iterations"] == 1 and record["metrics_rows"] == 1 and record["checkpoint"]
+
+
+@pytest.mark.slow
+def test_four_bit_base_takes_a_step(artifacts):
+    pytest.importorskip("bitsandbytes")
+    cfg = micro_cfg(**{"model.quantize_4bit": True, "ppo.learning_rate": 1e-2})
+    roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm", device="cpu")
+    assert getattr(roles.model.get_base_model(), "is_loaded_in_4bit", False)
+    rollout = collect_rollout(roles, tokenizer, PROMPTS[:2], cfg, kl_beta=0.02, seed=0)
+    ids, mask, length = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
+    with torch.no_grad():
+        ref_before = roles.reference_logprobs(ids, mask, length)
+    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=1e-2)
+    ppo_update(roles, optimizer, rollout, cfg.ppo, 2, torch.Generator().manual_seed(0))
+    # Nonzero, not just present: bitsandbytes' CPU repacking would silently cut the backward (ppo.py prevents it).
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in roles.named_trainable().values())
+    with torch.no_grad():
+        assert torch.equal(roles.reference_logprobs(ids, mask, length), ref_before)
+
+
+def test_generation_shapes_are_what_ppo_assumes(micro_tokenizer):
+    """generate() gives left-padded queries and responses whose mask is a prefix ending at EOS."""
+    torch.manual_seed(0)
+    model = models.load_causal_lm("micro")
+    out = generate(model, micro_tokenizer, [format_prompt(micro_tokenizer, p) for p in ("a", "a longer prompt")],
+                   max_new_tokens=4, temperature=1.0)
+    assert (out.query_mask[:, -1] == 1).all()  # left padding: every query ends in the last column
+    mask = out.response_mask
+    assert torch.equal(mask, mask.cummin(dim=1).values)  # a prefix: once 0, stays 0
