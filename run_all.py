@@ -6,6 +6,11 @@
     python run_all.py --from reward           # a stage and everything after it
     python run_all.py --quantize              # force 4-bit nf4 bases (QLoRA); needs bitsandbytes
     python run_all.py --output results/       # where executed notebooks, HTML and figures go
+    python run_all.py --sizes medium --launcher "torchrun --nproc_per_node 4"   # several GPUs
+
+With --launcher, each unfinished distributed stage (SFT, PPO) first runs as
+`<launcher> -m rlhf_lib.stages <stage> ...` (see rlhf_lib/stages.py); its notebook then only renders
+the finished stage. The other stages run in the notebook's single process, as without it.
 
 Stages cache their artifacts under runs/<size>/<stage>-<fingerprint>/ (see rlhf_lib.pipeline), so a
 rerun skips finished stages and an interrupted run resumes at the first unfinished one. A notebook
@@ -31,6 +36,7 @@ NOTEBOOKS = {
     "analysis": "05_analysis.ipynb",
 }
 DEFAULT_SIZE = "tiny"
+DISTRIBUTED_STAGES = ("sft", "ppo")  # rlhf_lib.stages.DISTRIBUTED_STAGES, without importing torch here
 # Rough minutes per stage on a 2-core CPU, used only for the plan's estimate until a run has been timed.
 ROUGH_MINUTES = {
     "micro": {"data": 1, "sft": 0.5, "reward": 1, "ppo": 1, "analysis": 2},
@@ -50,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=str(REPO / "results"), help="folder for rendered notebooks and figures")
     parser.add_argument("--runs-dir", default="", help="folder for stage artifacts (default: runs/)")
     parser.add_argument("--no-html", action="store_true", help="skip the HTML export")
+    parser.add_argument("--launcher", default="", help='run SFT and PPO under this launcher, e.g. "torchrun --nproc_per_node 4" '
+                        'or "accelerate launch --num_processes 4"')
     parser.add_argument("--force", action="store_true", help="re-execute notebooks even when outputs are current")
     parser.add_argument("--notebooks", default=str(REPO / "notebooks"), help=argparse.SUPPRESS)  # tests use fixtures
     return parser.parse_args(argv)
@@ -98,7 +106,9 @@ def plan(args: argparse.Namespace) -> list[dict]:
                 seconds = 60 * ROUGH_MINUTES.get(size, {}).get(stage, 30)
             steps.append(
                 {"size": size, "stage": stage, "notebook": NOTEBOOKS[stage], "output": out, "stage_done": done,
-                 "skip": current, "estimate_s": 0 if current else seconds, "runs_dir": str(paths.root)}
+                 "skip": current, "estimate_s": 0 if current else seconds, "runs_dir": str(paths.root),
+                 "stage_dir": paths.stage(stage).name,
+                 "launch": bool(args.launcher) and stage in DISTRIBUTED_STAGES and not done}
             )
     return steps
 
@@ -111,7 +121,7 @@ def print_plan(steps: list[dict]) -> None:
         elif s["stage_done"]:
             state = "render only (stage cached)"
         else:
-            state = f"run (~{s['estimate_s'] / 60:.0f} min)"
+            state = f"run (~{s['estimate_s'] / 60:.0f} min)" + (" under the launcher" if s.get("launch") else "")
         print(f"  {s['size']:>6}  {s['stage']:<9} {s['notebook']:<24} {state}")
     total = sum(s["estimate_s"] for s in steps)
     print(f"Estimated time: ~{total / 60:.0f} min (2-core CPU figures; a GPU is faster).\n", flush=True)
@@ -131,6 +141,8 @@ def execute(step: dict, args: argparse.Namespace) -> float:
     started = time.time()
     failed_marker = output.with_suffix(".failed")
     failed_marker.write_text("this notebook's last execution failed or was interrupted\n")
+    if step.get("launch"):
+        launch_stage(step, args)
     papermill.execute_notebook(
         str(Path(args.notebooks) / step["notebook"]),
         str(output),
@@ -146,6 +158,24 @@ def execute(step: dict, args: argparse.Namespace) -> float:
     return time.time() - started
 
 
+class LaunchError(RuntimeError):
+    """A stage run under --launcher exited with an error."""
+
+
+def launch_stage(step: dict, args: argparse.Namespace) -> None:
+    """Train a distributed stage under the user's launcher; the notebook then finds it cached."""
+    import shlex
+    import subprocess
+
+    from rlhf_lib.stages import stage_command
+
+    command = stage_command(step["stage"], step["size"], step["runs_dir"], overrides_for(args), shlex.split(args.launcher))
+    print("    " + shlex.join(command), flush=True)
+    done = subprocess.run(command, cwd=REPO)
+    if done.returncode != 0:
+        raise LaunchError(f"`{shlex.join(command)}` exited with status {done.returncode} (its output is above)")
+
+
 def export_html(notebook: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
@@ -157,6 +187,9 @@ def export_html(notebook: Path) -> Path:
 
 
 def describe_failure(err: Exception, step: dict) -> str:
+    if isinstance(err, LaunchError):
+        return (f"\nFAILED: {step['size']}/{step['stage']} under the launcher: {err}.\n"
+                "Finished stages are kept; rerun the same command to resume from this stage.")
     cell = getattr(err, "exec_count", None) or getattr(err, "cell_index", None)
     ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
     return (
@@ -164,6 +197,57 @@ def describe_failure(err: Exception, step: dict) -> str:
         f"The partial notebook is kept at {step['output']} (open it to see the traceback).\n"
         "Finished stages are kept; rerun the same command to resume from this stage."
     )
+
+
+def git_commit() -> str:
+    """The repository's commit, with `+dirty` when tracked files differ from it; `unknown` outside git."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty.strip() else "")
+
+
+def write_run_records(summary: list[tuple[dict, float, str]], argv: list[str]) -> list[Path]:
+    """results/<size>/run_record.json: what produced each rendered notebook (command, commit, seed, times).
+
+    A stage that was skipped keeps the entry of the run that rendered it.
+    """
+    import platform
+
+    import torch
+
+    written = []
+    for size in dict.fromkeys(step["size"] for step, _, _ in summary):
+        path = Path(summary[0][0]["output"]).parent.parent / size / "run_record.json"
+        record = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        for step, seconds, state in summary:
+            if step["size"] != size or state != "ran":
+                continue
+            done = json.loads((Path(step["runs_dir"]) / step["stage_dir"] / "DONE.json").read_text())
+            record["stages"][step["stage"]] = {
+                "notebook": step["notebook"],
+                "command": "python run_all.py " + " ".join(argv),
+                "commit": git_commit(),
+                "preset": size,
+                "seed": done["seed"],
+                "fingerprint": done["fingerprint"],
+                "rendered_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                "notebook_seconds": round(seconds, 1),
+                "stage_seconds": done["seconds"],  # the stage's computation, whenever it ran (stage_finished_utc)
+                "stage_finished_utc": done["finished_utc"],
+                "processes": done.get("processes", 1),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                           f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
+                "torch": torch.__version__,
+            }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        written.append(path)
+    return written
 
 
 def ensure_kernel() -> None:
@@ -204,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         summary.append((step, seconds, "ran"))
     total = time.time() - started
+    for record in write_run_records(summary, sys.argv[1:] if argv is None else argv):
+        print(f"Run record: {record}")
     print("\nSummary:")
     for step, seconds, state in summary:
         print(f"  {step['size']:>6}  {step['stage']:<9} {state:<8} {seconds / 60:6.1f} min  -> {step['output']}")

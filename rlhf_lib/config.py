@@ -97,7 +97,9 @@ class SFTConfig:
     grad_accum: int = _knob(1, "Gradient accumulation steps.", low=1)
     max_seq_tokens: int = _knob(320, "Prompt + response tokens per training sequence.", low=16)
     select_by: Literal["val_loss", "reward"] = _knob(
-        "val_loss", "Checkpoint criterion: validation loss, or RM score on validation prompts once an RM exists."
+        "val_loss",
+        "Checkpoint criterion: validation loss, or the mean RM score of greedy responses to the validation prompts "
+        "(the paper's choice), with this preset's last finished RM from an earlier run.",
     )
     ppo_init_epochs: int = _knob(2, "Epochs of the PPO-initialisation SFT run (paper: 2).", low=1)
     ppo_init_pretrain_mix: float = _knob(
@@ -123,6 +125,9 @@ class RewardConfig:
     learning_rate: float = _knob(1e-4, "Peak LR (paper 9e-6 full fine-tune).", low=0.0, high=1.0)
     batch_prompts: int = _knob(4, "Prompts per batch; each carries all C(K,2) of its pairs (paper 64).", low=1)
     max_seq_tokens: int = _knob(320, "Prompt + completion tokens scored by the RM.", low=16)
+    forward_batch: int = _knob(
+        16, "Most sequences per forward pass in RM training (memory only: losses accumulate to the same gradient).", low=2
+    )
     heldout_fraction: float = _knob(0.2, "Share of RM prompts held out to measure accuracy.", low=0.0, high=0.5)
     sft_share: float = _knob(0.5, "Share of the K completions sampled from SFT (the rest from the base).", low=0.0, high=1.0)
 

@@ -102,9 +102,12 @@ MICRO_CONFIG = dict(
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` -> cuda when present, else cpu."""
+    """`auto` -> cuda when present (this process's GPU under torchrun/accelerate launch), else cpu."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # One GPU per process when launched distributed; LOCAL_RANK is set by both launchers.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelUnavailableError("device='cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'.")
     return torch.device(device)

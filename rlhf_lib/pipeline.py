@@ -34,6 +34,32 @@ STAGES = ("data", "sft", "reward", "ppo", "analysis")
 DONE = "DONE.json"
 
 
+# --------------------------------------------------------------------------------------------
+# Several processes (torchrun / accelerate launch): one of them publishes, all of them train
+# --------------------------------------------------------------------------------------------
+
+
+def process_rank_and_count() -> tuple[int, int]:
+    """(rank, number of processes) of an initialised torch.distributed group; (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return process_rank_and_count()[0] == 0
+
+
+def wait_for_all_processes() -> None:
+    """A barrier when several processes run a stage together; nothing otherwise."""
+    import torch.distributed as dist
+
+    if process_rank_and_count()[1] > 1:
+        dist.barrier()
+
+
 def default_runs_root() -> Path:
     return Path(os.environ.get("RLHF_RUNS_DIR", Path(__file__).resolve().parent.parent / "runs"))
 
@@ -103,29 +129,43 @@ def cached_stage(paths: RunPaths, name: str) -> Iterator[StageHandle]:
     if (final / DONE).exists():
         yield StageHandle(name, final, True)
         return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    _, processes = process_rank_and_count()
+    main = is_main_process()
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if processes > 1:
+        # Every process must write into the same directory: a fixed name, created by the main one.
+        tmp = final.parent / f".{final.name}.partial-distributed"
+        if main:
+            tmp.mkdir()
+        wait_for_all_processes()
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     started = time.time()
     try:
         yield StageHandle(name, tmp, False)
-        record = {
-            "stage": name,
-            "preset": paths.cfg.preset,
-            "seed": paths.cfg.seed,
-            "fingerprint": paths.cfg.fingerprint(name),
-            "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            "seconds": round(time.time() - started, 1),
-            "config": paths.cfg.to_dict(),
-        }
-        (tmp / DONE).write_text(json.dumps(record, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        wait_for_all_processes()
+        if main:
+            record = {
+                "stage": name,
+                "preset": paths.cfg.preset,
+                "seed": paths.cfg.seed,
+                "processes": processes,
+                "fingerprint": paths.cfg.fingerprint(name),
+                "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - started, 1),
+                "config": paths.cfg.to_dict(),
+            }
+            (tmp / DONE).write_text(json.dumps(record, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     finally:
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    wait_for_all_processes()  # nobody reads the stage before it is published
 
 
 def stage_record(paths: RunPaths, name: str) -> dict:

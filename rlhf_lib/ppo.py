@@ -1116,7 +1116,7 @@ def run_ppo_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
     checkpoint; only finished runs are published.
     """
     from rlhf_lib.data.study import StudyData
-    from rlhf_lib.pipeline import cached_stage
+    from rlhf_lib.pipeline import cached_stage, is_main_process, wait_for_all_processes
 
     data = StudyData.load(paths.require("data") / "study")
     init_dir = paths.require("sft") / "ppo_init"
@@ -1127,8 +1127,12 @@ def run_ppo_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
     with cached_stage(paths, "ppo") as stage:
         if not stage.done:
             for name, ptx in (("ppo", False), ("ppo_ptx", True)):
+                # Under torchrun/accelerate launch every process trains (accelerate DDP); the main one writes.
                 train_ppo(cfg, init_dir, reward_dir, prompts, pretrain, work / name, ptx=ptx,
                           progress=progress, samples_per_iteration=cfg.ppo.rollout_batch)
-                shutil.copytree(work / name, stage.dir / name, ignore=shutil.ignore_patterns(f"{CHECKPOINT_PREFIX}*"))
-    shutil.rmtree(work, ignore_errors=True)
+                if is_main_process():
+                    shutil.copytree(work / name, stage.dir / name, ignore=shutil.ignore_patterns(f"{CHECKPOINT_PREFIX}*"))
+                wait_for_all_processes()
+    if is_main_process():
+        shutil.rmtree(work, ignore_errors=True)
     return paths.stage("ppo")

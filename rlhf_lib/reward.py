@@ -179,6 +179,10 @@ def _cosine_lr(step: int, total: int, min_ratio: float = 0.1) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _chunks(items: Sequence, size: int) -> list:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def _training_units(comparisons: Sequence[dict], mode: str) -> list[tuple[str, list[str], list[int]]]:
     """One unit per prompt (kwise: all its completions and ranks) or per pair (pairwise ablation)."""
     units = []
@@ -231,27 +235,35 @@ def train_reward_model(
         rng.shuffle(order)
         for start in range(0, len(order), batch_size):
             batch = [units[i] for i in order[start : start + batch_size]]
-            loss = torch.zeros((), device=rm.head.linear.weight.device)
-            n_pairs = 0
+            optimizer.zero_grad(set_to_none=True)
+            # The batch's loss is a mean over its units; each forward holds at most `forward_batch`
+            # sequences and is backpropagated at once, so memory is bounded and the gradient unchanged.
+            loss_value, n_pairs = 0.0, 0
             if mode == "kwise":
                 for prompt, completions, ranks in batch:
-                    scores = rm.raw_scores([prompt] * len(completions), completions)
-                    loss = loss + kwise_loss(scores, ranks) / len(batch)
+                    scores = torch.cat([
+                        rm.raw_scores([prompt] * len(chunk), chunk)
+                        for chunk in _chunks(completions, cfg.reward.forward_batch)
+                    ])
+                    loss = kwise_loss(scores, ranks) / len(batch)
+                    loss.backward()
+                    loss_value += loss.item()
                     n_pairs += len(ranked_pairs(ranks))
             else:
-                prompts = [p for p, c, _ in batch for _ in c]
-                scores = rm.raw_scores(prompts, [text for _, c, _ in batch for text in c]).view(-1, 2)
-                loss = -F.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
+                for chunk in _chunks(batch, max(1, cfg.reward.forward_batch // 2)):
+                    prompts = [p for p, c, _ in chunk for _ in c]
+                    scores = rm.raw_scores(prompts, [text for _, c, _ in chunk for text in c]).view(-1, 2)
+                    loss = -F.logsigmoid(scores[:, 0] - scores[:, 1]).sum() / len(batch)
+                    loss.backward()
+                    loss_value += loss.item()
                 n_pairs = len(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             step += 1
-            history.append({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "pairs": n_pairs})
+            history.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "pairs": n_pairs})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
     bar.close()
     rm.model.eval()
     if demonstrations:

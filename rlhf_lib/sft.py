@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from datasets import Dataset
 
 from rlhf_lib import models
 from rlhf_lib.config import StudyConfig
+from rlhf_lib.pipeline import is_main_process, wait_for_all_processes
 from rlhf_lib.prompting import bos_prefix, format_prompt
 
 META = "meta.json"
@@ -92,10 +96,18 @@ def train_sft(
     pretrain_texts: Sequence[str] = (),
     pretrain_mix: float = 0.0,
     progress: bool = True,
+    reward_model_dir: Path | None = None,
 ) -> SFTResult:
-    """Fine-tune the preset's base model on (prompt, response) pairs; keep the best epoch checkpoint."""
+    """Fine-tune the preset's base model on (prompt, response) pairs; keep the best epoch checkpoint.
+
+    The best epoch is the one with the lowest validation loss, or, with `sft.select_by = "reward"`,
+    the one whose greedy responses to the validation prompts `reward_model_dir`'s RM scores highest.
+    """
     from trl import SFTConfig, SFTTrainer
 
+    by_reward = cfg.sft.select_by == "reward" and bool(validation)
+    if by_reward and reward_model_dir is None:
+        raise ValueError("sft.select_by = 'reward' needs a trained reward model (reward_model_dir); none was given.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = models.resolve_device(cfg.model.device)
@@ -114,13 +126,19 @@ def train_sft(
     val = demonstrations_dataset(tokenizer, validation) if validation else None
 
     epochs = epochs or cfg.sft.epochs
-    steps_per_epoch = math.ceil(len(train) / (cfg.sft.batch_size * cfg.sft.grad_accum))
+    # The preset's batch is global: under torchrun/accelerate launch each process accumulates its share.
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    grad_accum = max(1, cfg.sft.grad_accum // processes)
+    if cfg.sft.grad_accum % processes:
+        warnings.warn(f"sft.grad_accum ({cfg.sft.grad_accum}) does not divide by {processes} processes: the global batch is "
+                      f"{cfg.sft.batch_size * grad_accum * processes}, not {cfg.sft.batch_size * cfg.sft.grad_accum}.", stacklevel=2)
+    steps_per_epoch = math.ceil(len(train) / (cfg.sft.batch_size * grad_accum * processes))
     args = SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=epochs,
         per_device_train_batch_size=cfg.sft.batch_size,
         per_device_eval_batch_size=cfg.sft.batch_size,
-        gradient_accumulation_steps=cfg.sft.grad_accum,
+        gradient_accumulation_steps=grad_accum,
         learning_rate=cfg.sft.learning_rate,
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": cfg.sft.min_lr_ratio},
@@ -150,14 +168,26 @@ def train_sft(
     seconds = time.time() - started
 
     history = pd.DataFrame(trainer.state.log_history)
-    history.to_csv(out_dir / "log_history.csv", index=False)
-    chosen_dir, chosen_epoch = _choose_checkpoint(out_dir / "checkpoints", history)
     final = out_dir / "adapter"
-    if final.exists():
-        shutil.rmtree(final)
-    _export_checkpoint(chosen_dir, final, cfg)
-    _write_meta(final, cfg, chosen_epoch=chosen_epoch, selected_by="val_loss" if val is not None else "last_epoch")
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    chosen_epoch = float("nan")
+    if is_main_process():  # the Trainer saved checkpoints from the main process only
+        history.to_csv(out_dir / "log_history.csv", index=False)
+        selection = {"selected_by": "val_loss" if val is not None else "last_epoch"}
+        if by_reward:
+            del trainer, model  # the checkpoints are reloaded one by one for scoring
+            scores = checkpoint_rewards(cfg, out_dir / "checkpoints", history, validation, reward_model_dir, progress)
+            scores.to_csv(out_dir / "checkpoint_rewards.csv", index=False)
+            best = scores.loc[scores["mean_reward"].idxmax()]
+            chosen_dir, chosen_epoch = Path(best["checkpoint"]), float(best["epoch"])
+            selection = {"selected_by": "reward", "reward_model": str(reward_model_dir), "mean_reward": float(best["mean_reward"])}
+        else:
+            chosen_dir, chosen_epoch = _choose_checkpoint(out_dir / "checkpoints", history)
+        if final.exists():
+            shutil.rmtree(final)
+        _export_checkpoint(chosen_dir, final, cfg)
+        _write_meta(final, cfg, chosen_epoch=chosen_epoch, **selection)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    wait_for_all_processes()
     return SFTResult(final, history, chosen_epoch, seconds)
 
 
@@ -172,6 +202,52 @@ def _choose_checkpoint(checkpoint_root: Path, history: pd.DataFrame) -> tuple[Pa
     best = evals.loc[evals["eval_loss"].idxmin()]
     by_step = {int(p.name.split("-")[1]): p for p in checkpoints}
     return by_step[int(best["step"])], float(best["epoch"])
+
+
+def checkpoint_rewards(
+    cfg: StudyConfig,
+    checkpoint_root: Path,
+    history: pd.DataFrame,
+    validation: Sequence[tuple[str, str]],
+    reward_model_dir: Path,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Mean RM score of each epoch checkpoint's greedy responses to the validation prompts.
+
+    The paper chose its final SFT model this way (RM score on the validation set, Appendix C.1).
+    Returns one row per checkpoint: checkpoint, step, epoch, mean_reward, prompts.
+    """
+    from rlhf_lib.generation import sample_texts
+    from rlhf_lib.reward import RewardModel
+
+    checkpoints = sorted(checkpoint_root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not checkpoints:
+        raise RuntimeError(f"SFT wrote no checkpoint under {checkpoint_root}")
+    epoch_at_step = dict(zip(history["step"].astype(int), history["epoch"], strict=False))
+    prompts = [p for p, _ in validation]
+    rm = RewardModel.load(reward_model_dir)
+    rows = []
+    for checkpoint in checkpoints:
+        with tempfile.TemporaryDirectory(dir=checkpoint_root) as tmp:
+            exported = Path(tmp) / "adapter"
+            _export_checkpoint(checkpoint, exported, cfg)
+            _write_meta(exported, cfg)
+            model, tokenizer = load_policy(exported)
+            responses = sample_texts(
+                model, tokenizer, [format_prompt(tokenizer, p) for p in prompts], max_new_tokens=cfg.generation.max_new_tokens,
+                temperature=0.0, batch_size=cfg.generation.batch_size, desc=f"RM-scoring {checkpoint.name}", progress=progress,
+            )
+            del model
+        step = int(checkpoint.name.split("-")[1])
+        rows.append({"checkpoint": str(checkpoint), "step": step, "epoch": float(epoch_at_step.get(step, float("nan"))),
+                     "mean_reward": float(rm.score_texts(prompts, responses).mean()), "prompts": len(prompts)})
+    return pd.DataFrame(rows)
+
+
+def latest_reward_model(runs_root: Path) -> Path | None:
+    """The RM of the most recently finished reward stage under runs/<preset>/, if any."""
+    finished = sorted(Path(runs_root).glob("reward-*/DONE.json"), key=lambda p: p.stat().st_mtime)
+    return finished[-1].parent / "model" if finished else None
 
 
 def _export_checkpoint(checkpoint: Path, target: Path, cfg: StudyConfig) -> None:
@@ -243,14 +319,31 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
             train_idx, val_idx = validation_split(rows, cfg.data.validation_fraction, cfg.data.near_duplicate_prefix_chars, cfg.seed)
             train = [(rows[i]["prompt"], rows[i]["reference"]) for i in train_idx]
             validation = [(rows[i]["prompt"], rows[i]["reference"]) for i in val_idx]
-            policy = train_sft(cfg, train, validation, stage.dir / "policy_run", progress=progress)
-            shutil.move(str(policy.adapter_dir), stage.dir / "policy")
-            policy.log_history.to_csv(stage.dir / "log_history_policy.csv", index=False)
+            # Under torchrun/accelerate launch every process trains; the main one alone writes files.
+            main = is_main_process()
+            reward_model_dir = None
+            if cfg.sft.select_by == "reward":
+                # As in the paper, the RM comes from an earlier round: this preset's last finished RM.
+                reward_model_dir = latest_reward_model(paths.root)
+                if reward_model_dir is None:
+                    raise FileNotFoundError(
+                        f"sft.select_by = 'reward' needs a reward model from an earlier run of preset '{cfg.preset}', "
+                        f"and {paths.root} holds none. Run the study once with select_by = 'val_loss' first."
+                    )
+            policy = train_sft(cfg, train, validation, stage.dir / "policy_run", progress=progress,
+                               reward_model_dir=reward_model_dir)
+            if main:
+                shutil.move(str(policy.adapter_dir), stage.dir / "policy")
+                policy.log_history.to_csv(stage.dir / "log_history_policy.csv", index=False)
+                if (stage.dir / "policy_run" / "checkpoint_rewards.csv").exists():
+                    shutil.move(str(stage.dir / "policy_run" / "checkpoint_rewards.csv"), stage.dir / "checkpoint_rewards.csv")
             pretrain = list(data.pretrain["text"])
             init = train_sft(
                 cfg, train, [], stage.dir / "ppo_init_run", epochs=cfg.sft.ppo_init_epochs,
                 pretrain_texts=pretrain, pretrain_mix=cfg.sft.ppo_init_pretrain_mix, progress=progress,
             )
+            if not main:
+                return paths.stage("sft")  # cached_stage publishes after every process got here
             shutil.move(str(init.adapter_dir), stage.dir / "ppo_init")
             init.log_history.to_csv(stage.dir / "log_history_ppo_init.csv", index=False)
             for run in ("policy_run", "ppo_init_run"):

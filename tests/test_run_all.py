@@ -80,3 +80,48 @@ def test_changed_knob_reruns_only_downstream(tmp_path):
     assert len(stages_after - stages_before) == 5
     record = json.loads(next((runs / "micro").glob("data-*/DONE.json")).read_text())
     assert record["preset"] == "micro"
+    rendered = json.loads((out / "micro" / "run_record.json").read_text())["stages"]
+    assert list(rendered) == list(run_all.NOTEBOOKS)
+    assert all(r["seed"] == 0 and r["preset"] == "micro" and "--quantize" in r["command"] and r["commit"] for r in rendered.values())
+
+
+def test_launcher_runs_the_distributed_stages_before_their_notebooks(tmp_path, monkeypatch):
+    import subprocess
+
+    runs, out, nbs = tmp_path / "runs", tmp_path / "results", tmp_path / "nbs"
+    _write_notebooks(nbs, fail_stage=None)
+    launched = []
+    real_run = subprocess.run
+
+    def fake_run(command, **kwargs):  # records a stage command, then does what the stage would: finish it
+        if "rlhf_lib.stages" not in command:
+            return real_run(command, **kwargs)  # git, for the run record
+        launched.append(command)
+        stage = command[command.index("rlhf_lib.stages") + 1]
+        from rlhf_lib.config import load_preset
+        from rlhf_lib.pipeline import RunPaths, cached_stage
+
+        with cached_stage(RunPaths.for_config(load_preset("micro"), runs / "micro"), stage) as handle:
+            (handle.dir / "artifact.txt").write_text(stage)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    common = ["--sizes", "micro", "--runs-dir", str(runs), "--output", str(out), "--notebooks", str(nbs), "--no-html"]
+    assert run_all.main([*common, "--launcher", "torchrun --nproc_per_node 4"]) == 0
+    assert [c[:3] for c in launched] == [["torchrun", "--nproc_per_node", "4"]] * 2
+    assert [c[c.index("rlhf_lib.stages") + 1] for c in launched] == ["sft", "ppo"]
+    assert all(c[c.index("--preset") + 1] == "micro" and c[c.index("--runs-dir") + 1] == str(runs / "micro") for c in launched)
+    # The notebooks found those stages finished, so they did not train them a second time.
+    assert (next((runs / "micro").glob("sft-*")) / "artifact.txt").read_text() == "sft"
+
+    # A launcher that fails stops the run, names the stage, and keeps what finished.
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 3, "", ""))
+    assert run_all.main([*common, "--launcher", "torchrun", "--force", "--quantize"]) == 1
+
+
+def test_single_process_stages_refuse_a_launcher(monkeypatch, capsys):
+    from rlhf_lib import stages
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert stages.main(["reward", "--preset", "micro"]) == 2
+    assert "runs in one process" in capsys.readouterr().err

@@ -87,3 +87,23 @@ def test_qlora_step_runs(tmp_path):
     assert result.log_history["loss"].dropna().notna().all()
     model, _ = load_policy(result.adapter_dir)
     assert "4bit" in type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__
+
+
+def test_checkpoint_chosen_by_reward_model_score(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from rlhf_lib.reward import new_reward_model
+
+    cfg = _cfg(**{"sft.epochs": 3, "sft.select_by": "reward", "generation.max_new_tokens": 4})
+    with pytest.raises(ValueError, match="reward model"):
+        train_sft(cfg, PAIRS, PAIRS[2:], tmp_path / "no-rm", progress=False)
+    rm = new_reward_model(cfg)  # untrained, but a fixed scorer is all the selection needs
+    rm.save(tmp_path / "rm")
+    result = train_sft(cfg, PAIRS, PAIRS[2:], tmp_path / "sft", progress=False, reward_model_dir=tmp_path / "rm")
+    scores = pd.read_csv(tmp_path / "sft" / "checkpoint_rewards.csv")
+    assert len(scores) == 3 and (scores["prompts"] == 2).all()
+    assert result.chosen_epoch == scores.loc[scores["mean_reward"].idxmax(), "epoch"]
+    meta = json.loads((result.adapter_dir / "meta.json").read_text())
+    assert meta["selected_by"] == "reward" and meta["mean_reward"] == pytest.approx(scores["mean_reward"].max())

@@ -14,7 +14,6 @@ from rlhf_lib.data.study import (
     build_data_stage,
     build_study_data,
     category_mix_table,
-    plot_category_mix,
     plot_lengths,
 )
 
@@ -29,7 +28,6 @@ __all__ = [
     "category_mix_table",
     "check_no_leakage",
     "make_splits",
-    "plot_category_mix",
     "plot_lengths",
     "validation_split",
 ]

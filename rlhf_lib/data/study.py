@@ -216,22 +216,6 @@ def category_mix_table(data: StudyData) -> pd.DataFrame:
     return table
 
 
-def plot_category_mix(data: StudyData, ax: Any = None) -> Any:
-    """Seaborn bars: our use-case mix (all splits) next to the paper's Table 1. Returns the axes."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    table = category_mix_table(data)
-    long = table[["ours_pct", "paper_pct"]].rename(columns={"ours_pct": "this study", "paper_pct": "InstructGPT API (Table 1)"})
-    long = long.reset_index(names="category").melt(id_vars="category", var_name="prompts", value_name="share (%)")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(9, 3.5))
-    sns.barplot(data=long, x="category", y="share (%)", hue="prompts", ax=ax)
-    ax.tick_params(axis="x", rotation=30)
-    ax.set_title("Use-case mix of the prompts")
-    return ax
-
-
 def plot_lengths(data: StudyData) -> Any:
     """Histograms of prompt and reference lengths (approximate tokens) per split. Returns the figure."""
     import matplotlib.pyplot as plt
@@ -491,6 +475,5 @@ __all__ = [
     "build_data_stage",
     "build_study_data",
     "category_mix_table",
-    "plot_category_mix",
     "plot_lengths",
 ]
