@@ -40,7 +40,9 @@ DISTRIBUTED_STAGES = ("sft", "ppo")  # rlhf_lib.stages.DISTRIBUTED_STAGES, witho
 # Rough minutes per stage on a 2-core CPU, used only for the plan's estimate until a run has been timed.
 ROUGH_MINUTES = {
     "micro": {"data": 1, "sft": 0.5, "reward": 1, "ppo": 1, "analysis": 2},
-    "tiny": {"data": 1, "sft": 4, "reward": 8, "ppo": 8, "analysis": 10},
+    # tiny, measured 2026-12-01 (results/tiny/run_all.log): data 0.3, SFT 13.7, RM 55 (about 20 of them shared
+    # with a test run); PPO ran at ~190 s per 16-episode iteration (x 8 iterations x 2 runs); analysis not yet timed.
+    "tiny": {"data": 1, "sft": 14, "reward": 40, "ppo": 55, "analysis": 20},
     "small": {"data": 1, "sft": 10, "reward": 20, "ppo": 25, "analysis": 25},
 }
 
@@ -217,6 +219,7 @@ def write_run_records(summary: list[tuple[dict, float, str]], argv: list[str]) -
     A stage that was skipped keeps the entry of the run that rendered it.
     """
     import platform
+    import shlex
 
     import torch
 
@@ -230,7 +233,7 @@ def write_run_records(summary: list[tuple[dict, float, str]], argv: list[str]) -
             done = json.loads((Path(step["runs_dir"]) / step["stage_dir"] / "DONE.json").read_text())
             record["stages"][step["stage"]] = {
                 "notebook": step["notebook"],
-                "command": "python run_all.py " + " ".join(argv),
+                "command": shlex.join(["python", "run_all.py", *argv]),
                 "commit": git_commit(),
                 "preset": size,
                 "seed": done["seed"],
@@ -287,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_failure(err, step))
             return 1
         summary.append((step, seconds, "ran"))
+        # Recorded as each notebook finishes, so a later failure loses nothing of what was rendered.
+        write_run_records([(step, seconds, "ran")], sys.argv[1:] if argv is None else argv)
     total = time.time() - started
-    for record in write_run_records(summary, sys.argv[1:] if argv is None else argv):
-        print(f"Run record: {record}")
     print("\nSummary:")
     for step, seconds, state in summary:
         print(f"  {step['size']:>6}  {step['stage']:<9} {state:<8} {seconds / 60:6.1f} min  -> {step['output']}")
     print(f"Total: {total / 60:.1f} min. Finished {datetime.now(UTC).isoformat(timespec='seconds')}.")
-    print(f"Rendered results: {Path(args.output).resolve()}")
+    print(f"Rendered results: {Path(args.output).resolve()} (each size's run_record.json says what made them)")
     try:
         from rlhf_lib.report import write_summary
 

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -414,6 +415,7 @@ def run_reward_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
             (stage.dir / "timing.json").write_text(
                 json.dumps({mode: r.seconds for mode, r in results.items()} | {"bias": results["kwise"].bias}, indent=1)
             )
+    shutil.rmtree(work, ignore_errors=True)  # the samples and labels are in the published stage now
     return paths.stage("reward")
 
 
