@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from datasets import Dataset
 
-from rlhf_lib import models
 from rlhf_lib.adapters import save_policy_dir
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.prompting import bos_prefix, format_prompt
 from rlhf_lib.reward import ranked_pairs
+from rlhf_lib.sft import trl_common_args
 
 
 @dataclass
@@ -103,12 +102,6 @@ def dpo_dataset(tokenizer, pairs: Sequence[Mapping[str, Any]]) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def _precision_flags(device: torch.device, dtype: torch.dtype) -> dict[str, bool]:
-    # Chosen per device, never by TRL's default (bf16=True), which is ~10x slower on this CPU.
-    on_gpu = device.type == "cuda"
-    return {"bf16": on_gpu and dtype == torch.bfloat16, "fp16": on_gpu and dtype == torch.float16, "use_cpu": not on_gpu}
-
-
 def _policy_and_reference(cfg: StudyConfig, sft_dir: Path):
     """(model, tokenizer, peft_config or None, base name for meta.json) for DPO from an SFT product."""
     from rlhf_lib.sft import load_policy
@@ -148,8 +141,6 @@ def train_dpo(
     sft_dir, out_dir = Path(sft_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ev = cfg.evaluation
-    device = models.resolve_device(cfg.model.device)
-    dtype = models.resolve_dtype(cfg.model.dtype, device)
     model, tokenizer, peft_config, base_name = _policy_and_reference(cfg, sft_dir)
     dataset = dpo_dataset(tokenizer, pairs)
     steps_per_epoch = math.ceil(len(dataset) / ev.dpo_batch_size)
@@ -162,17 +153,8 @@ def train_dpo(
         lr_scheduler_type="constant",
         beta=ev.dpo_beta,
         max_length=cfg.reward.max_seq_tokens,
-        logging_steps=1,
         save_strategy="no",  # only the final adapter is kept
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        # DPOConfig turns gradient checkpointing on by default; on a small CPU model it only costs time.
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        dataset_num_proc=None,
-        **_precision_flags(device, dtype),
+        **trl_common_args(cfg, progress),
     )
     started = time.time()
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)

@@ -61,9 +61,7 @@ import copy
 import csv
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -833,19 +831,12 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     final = out_dir / f"{CHECKPOINT_PREFIX}{state.iteration:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=out_dir))
-    try:
+    with models.atomic_directory(final) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in roles.named_trainable().items()}, str(tmp / "trainable.safetensors"))
         if ema is not None:
             save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**asdict(state), **extra}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for older in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         if older != final and older.is_dir():
             shutil.rmtree(older, ignore_errors=True)

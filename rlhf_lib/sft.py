@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -72,10 +73,22 @@ def pretraining_rows(texts: Sequence[str], count: int, seed: int) -> list[dict[s
     return [{"prompt": "", "completion": text} for text in chosen]
 
 
-def _precision_flags(device: torch.device, dtype: torch.dtype) -> dict[str, bool]:
-    # Never by a library default: TRL defaults to bf16, which is ~10x slower on this CPU.
+def trl_common_args(cfg: StudyConfig, progress: bool) -> dict[str, Any]:
+    """Arguments every TRL trainer of the study shares (SFT, DPO): seeds, logging, and precision."""
+    device = models.resolve_device(cfg.model.device)
+    dtype = models.resolve_dtype(cfg.model.dtype, device)
     on_gpu = device.type == "cuda"
     return {
+        "logging_steps": 1,
+        "report_to": "none",
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        # TRL's own defaults differ by trainer (DPOConfig turns gradient checkpointing on); ours come from the preset.
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "disable_tqdm": not progress,
+        "dataloader_num_workers": 0,
+        "dataset_num_proc": None,
+        # Never by a library default: TRL defaults to bf16, which is ~10x slower on this CPU.
         "bf16": on_gpu and dtype == torch.bfloat16,
         "fp16": on_gpu and dtype == torch.float16,
         "use_cpu": not on_gpu,
@@ -110,8 +123,6 @@ def train_sft(
         raise ValueError("sft.select_by = 'reward' needs a trained reward model (reward_model_dir); none was given.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = models.resolve_device(cfg.model.device)
-    dtype = models.resolve_dtype(cfg.model.dtype, device)
     tokenizer = models.load_tokenizer(cfg.model.name)
     model = models.load_from_preset(cfg, dropout=cfg.sft.residual_dropout)
     if cfg.model.finetune == "lora":
@@ -148,19 +159,11 @@ def train_sft(
         weight_decay=cfg.sft.weight_decay,
         max_length=cfg.sft.max_seq_tokens,
         completion_only_loss=True,
-        logging_steps=1,
         eval_strategy="epoch" if val is not None else "no",
         save_strategy="epoch",
         save_total_limit=None,
         load_best_model_at_end=False,  # we choose the checkpoint ourselves (validation loss or RM score)
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        dataset_num_proc=None,
-        **_precision_flags(device, dtype),
+        **trl_common_args(cfg, progress),
     )
     started = time.time()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
