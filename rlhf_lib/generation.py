@@ -62,6 +62,7 @@ def generate(
     """Sample one response per (already formatted) prompt text, as one left-padded batch."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # an over-long prompt loses its start, never the answer cue at its end
     encoded = tokenizer(
         list(prompt_texts),
         return_tensors="pt",

@@ -615,7 +615,8 @@ def collect_rollout(
     batch = gen.batch_size
     formatted = [format_prompt(tokenizer, p) for p in prompts]
 
-    # 1. rollout: pure temperature sampling (top_p 1, top_k 0) so step 2 can recompute the exact probabilities
+    # 1. rollout: pure temperature sampling (top_p 1, top_k 0) so step 2 can recompute the exact probabilities.
+    # Prompts are not cut here: the data stage already bounds their length, as for every other policy sample.
     chunks = []
     with roles.role("policy") as policy:
         for index, start in enumerate(range(0, len(formatted), batch)):
@@ -623,8 +624,7 @@ def collect_rollout(
                 chunks.append(
                     generate(
                         policy, tokenizer, formatted[start : start + batch], max_new_tokens=gen.max_new_tokens,
-                        temperature=gen.temperature, top_p=1.0, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                        generator_seed=seed * 1_000 + index,
+                        temperature=gen.temperature, top_p=1.0, generator_seed=seed * 1_000 + index,
                     )
                 )
             except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities

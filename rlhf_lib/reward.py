@@ -108,14 +108,20 @@ class RewardModel:
     @torch.no_grad()
     def score_texts(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> torch.Tensor:
         """Normalised reward of each (prompt, response): demonstrations average 0."""
+        if not prompts:
+            return torch.empty(0)
         was_training = self.model.training
         self.model.eval()
+        # Batches of similar length pad little (a few long HHH dialogues would otherwise pad whole batches).
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
         out = [
-            self.raw_scores(prompts[i : i + batch_size], responses[i : i + batch_size]).float().cpu()
-            for i in range(0, len(prompts), batch_size)
+            self.raw_scores([prompts[j] for j in chunk], [responses[j] for j in chunk]).float().cpu()
+            for chunk in (order[i : i + batch_size] for i in range(0, len(order), batch_size))
         ]
         self.model.train(was_training)
-        return torch.cat(out) - self.bias if out else torch.empty(0)
+        scores = torch.empty(len(prompts))
+        scores[torch.tensor(order)] = torch.cat(out)
+        return scores - self.bias
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

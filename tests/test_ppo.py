@@ -507,3 +507,13 @@ def test_generation_shapes_are_what_ppo_assumes(micro_tokenizer):
     assert (out.query_mask[:, -1] == 1).all()  # left padding: every query ends in the last column
     mask = out.response_mask
     assert torch.equal(mask, mask.cummin(dim=1).values)  # a prefix: once 0, stays 0
+
+
+def test_over_long_prompt_keeps_its_end(micro_tokenizer):
+    """A prompt over max_prompt_tokens is cut at its start: the assistant cue at its end must survive."""
+    model = models.load_causal_lm("micro")
+    text = format_prompt(micro_tokenizer, "word " * 200)
+    cue = micro_tokenizer(text, add_special_tokens=False)["input_ids"][-8:]
+    out = generate(model, micro_tokenizer, [text], max_new_tokens=2, temperature=0.0, max_prompt_tokens=32)
+    assert out.query_ids.shape[1] == 32
+    assert out.query_ids[0, -8:].tolist() == cue

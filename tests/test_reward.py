@@ -113,3 +113,13 @@ def test_small_forward_batches_give_the_same_model(tmp_path, mode):
     assert torch.allclose(small_w, big_w, atol=1e-4)  # padding and summation order differ and not torch.equal(small_w, torch.zeros_like(small_w))
     # The first loss precedes any update; later ones drift by Adam's amplification of rounding noise.
     assert small_loss[0] == pytest.approx(big_loss[0], abs=1e-5)
+
+
+def test_score_texts_batches_by_length_but_returns_input_order():
+    rm = new_reward_model(load_preset("micro"))
+    prompts = ["Hi?", "Tell me a long story about a dragon " * 6, "Why?", "Name a fruit."]
+    responses = ["Hello there, friend, how are you today?", "Once.", "Because " * 12, "Apple."]
+    one_at_a_time = torch.cat([rm.score_texts([p], [r]) for p, r in zip(prompts, responses, strict=True)])
+    batched = rm.score_texts(prompts, responses, batch_size=3)
+    torch.testing.assert_close(batched, one_at_a_time, atol=1e-4, rtol=0)
+    assert len(set(one_at_a_time.tolist())) == len(prompts)  # distinct scores, so an order mix-up would show
