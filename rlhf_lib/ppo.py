@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,11 @@ from rlhf_lib.adapters import (
 from rlhf_lib.config import PPOConfig, StudyConfig
 from rlhf_lib.generation import Generated, generate
 from rlhf_lib.prompting import format_prompt
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from rlhf_lib.evaluation.base import MetricResult
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 KL_HORIZON = 10_000  # adaptive-KL horizon in episodes (Ziegler et al. 2019)
@@ -1127,3 +1132,27 @@ def run_ppo_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
     if is_main_process():
         shutil.rmtree(work, ignore_errors=True)
     return paths.stage("ppo")
+
+
+def score_trend(samples: pd.DataFrame, column: str = "rm_score", n_resamples: int = 1000, seed: int = 0) -> MetricResult:
+    """How much `column` of the logged rollouts changed per iteration, within prompts, with a 95% interval.
+
+    Each iteration draws other prompts, and prompts differ far more in score than PPO moves it in a few
+    iterations, so a plain first-vs-last comparison mostly measures which prompts were drawn. Here every
+    prompt seen in two or more iterations is compared with itself: the slope of (score - the prompt's mean)
+    on (iteration - the prompt's mean iteration), pooled over prompts. The bootstrap resamples prompts,
+    keeping each prompt's episodes together. `samples` is a run's samples.jsonl as a DataFrame.
+    Returns an `evaluation.base.MetricResult` (value in score units per iteration; n = prompts used).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from rlhf_lib.evaluation.base import summarize
+
+    frame = samples[["prompt", "iteration", column]].dropna()
+    groups = frame.groupby("prompt")
+    x = frame["iteration"] - groups["iteration"].transform("mean")
+    y = frame[column] - groups[column].transform("mean")
+    per_prompt = pd.DataFrame({"prompt": frame["prompt"], "xy": x * y, "xx": x * x}).groupby("prompt")[["xy", "xx"]].sum()
+    per_prompt = per_prompt[per_prompt["xx"] > 0]  # prompts seen in one iteration only carry no slope
+    return summarize(np.asarray(per_prompt, dtype=float), "ratio_of_sums", n_resamples=n_resamples, seed=seed)

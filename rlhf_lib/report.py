@@ -131,6 +131,70 @@ def _ours(metrics: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _result(metrics: Mapping[str, Any], method: str | None, key: str) -> Mapping[str, Any] | None:
+    result = metrics.get("methods", {}).get(method, {}).get(key) if method else None
+    return result if result and all(_finite(result.get(k)) for k in ("value", "ci_low", "ci_high")) else None
+
+
+def versus_chance(result: Mapping[str, Any] | None, paper_above: bool = True) -> str:
+    """Does a rate's interval sit on the paper's side of 50%?"""
+    if result is None:
+        return "n/a"
+    if result["ci_low"] > 0.5:
+        return "agrees" if paper_above else "opposite"
+    if result["ci_high"] < 0.5:
+        return "opposite" if paper_above else "agrees"
+    return "unclear: interval covers 50%"
+
+
+def versus_method(ours: Mapping[str, Any] | None, theirs: Mapping[str, Any] | None, paper_lower: bool) -> str:
+    """Is our method below (paper_lower) or above the other method, with the two intervals apart?"""
+    if ours is None or theirs is None:
+        return "n/a"
+    if ours["ci_high"] < theirs["ci_low"]:
+        return "agrees" if paper_lower else "opposite"
+    if ours["ci_low"] > theirs["ci_high"]:
+        return "opposite" if paper_lower else "agrees"
+    return "unclear: intervals overlap"
+
+
+def versus_value(result: Mapping[str, Any] | None, paper_value: float) -> str:
+    """Does our interval contain the paper's number, or lie below or above it?"""
+    if result is None or not all(_finite(result.get(k)) for k in ("value", "ci_low", "ci_high")):
+        return "n/a"
+    if result["ci_high"] < paper_value:
+        return "lower than the paper"
+    if result["ci_low"] > paper_value:
+        return "higher than the paper"
+    return "agrees"
+
+
+def _verdicts(metrics: Mapping[str, Any]) -> list[str]:
+    """For each row of PAPER_ROWS: does this run point the paper's way? Decided by intervals, never by
+    point estimates alone, so a small run mostly says "unclear" rather than claim what it cannot show."""
+    method, _ = _instruct(metrics)
+    gpt = lambda key: _result(metrics, "GPT", key)  # noqa: E731
+    ours = lambda key: _result(metrics, method, key)  # noqa: E731
+    squad = {m: _result(metrics, m, "squad_f1") for m in ("GPT", "PPO", "PPO-ptx")}
+    tax = versus_method(squad["PPO"], squad["GPT"], paper_lower=True)
+    if tax == "agrees":
+        recovered = versus_method(squad["PPO-ptx"], squad["PPO"], paper_lower=False)
+        tax = "agrees" if recovered == "agrees" else f"PPO pays a tax; recovery by PPO-ptx {recovered}"
+    rm, agreement = metrics.get("rm_accuracy", {}), metrics.get("labeler_agreement", {})
+    return [
+        versus_chance(ours("win_rate_vs_GPT")),
+        versus_chance(ours("win_rate_vs_GPT_prompted")),
+        versus_method(ours("hallucination_rate"), gpt("hallucination_rate"), paper_lower=True),
+        versus_method(ours("truthfulqa_true_informative"), gpt("truthfulqa_true_informative"), paper_lower=False),
+        versus_method(ours("toxic_rate_respectful"), gpt("toxic_rate_respectful"), paper_lower=True),
+        tax,
+        versus_value(rm.get("train_labelers"), 0.724),
+        versus_value(rm.get("heldout_labelers"), 0.696),
+        versus_value(agreement.get("train-train"), 0.726),
+        versus_value(agreement.get("heldout-heldout"), 0.773),
+    ]
+
+
 # The paper's numbers (PAPER_FACTS.md, "Results", "Reward model", "Data"), in the order _ours computes them.
 PAPER_ROWS: tuple[tuple[str, str], ...] = (
     ("InstructGPT preferred to GPT-3 (held-out labelers)", "85 ± 3% (175B vs 175B)"),
@@ -146,12 +210,28 @@ PAPER_ROWS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Short names of PAPER_ROWS, for `finding` (one line per notebook section).
+FINDING_KEYS = ("win_vs_gpt", "win_vs_gpt_prompted", "hallucination", "truthfulqa", "toxicity", "alignment_tax",
+                "rm_train_labelers", "rm_heldout_labelers", "agreement_train", "agreement_heldout")
+
+
+def finding(metrics: Mapping[str, Any], key: str) -> str:
+    """One line for a notebook section: the paper's number, this run's, and whether they agree."""
+    if key not in FINDING_KEYS:
+        raise KeyError(f"Unknown finding '{key}'. Known: {', '.join(FINDING_KEYS)}.")
+    i = FINDING_KEYS.index(key)
+    what, paper = PAPER_ROWS[i]
+    return f"{what}: paper {paper}; this run {_ours(metrics)[i]} -> {_verdicts(metrics)[i]}"
+
+
 def paper_comparison(metrics_by_size: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """The paper's headline numbers with ours beside them, one column per size."""
+    """The paper's headline numbers with ours beside them and, per size, whether ours points the same way
+    ("agrees", "opposite", "unclear: ..."; numbers compared with the paper's value: "lower/higher than the paper")."""
     table = pd.DataFrame({"paper": [paper for _, paper in PAPER_ROWS]}, index=[what for what, _ in PAPER_ROWS])
     table.index.name = "finding"
     for size, metrics in metrics_by_size.items():
         table[f"this study ({size})"] = _ours(metrics)
+        table[f"agrees with the paper? ({size})"] = _verdicts(metrics)
     return table
 
 

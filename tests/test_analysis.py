@@ -39,7 +39,7 @@ from rlhf_lib.dpo import preference_pairs, train_dpo
 from rlhf_lib.generation import generate
 from rlhf_lib.pipeline import RunPaths, cached_stage
 from rlhf_lib.prompting import format_prompt
-from rlhf_lib.report import write_summary
+from rlhf_lib.report import versus_chance, versus_method, versus_value, write_summary
 from rlhf_lib.sft import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -371,6 +371,22 @@ def test_write_summary_puts_our_numbers_beside_the_papers(tmp_path):
     assert "60.0 / 40.0 / 55.0 (PPO-ptx recovers 75% of PPO's loss)" in text
     assert "| 72.4 ± 0.4% (6B RM) | 70.0 [65.0, 75.0] |" in text and "| 72.6 ± 1.5% | 73.1 [70.0, 76.0] |" in text
     assert "- skipped DPO: no finished reward stage" in text and "- note: a note" in text
+    # Whether each finding points the paper's way, decided by intervals.
+    assert "| 85.0 [80.0, 90.0] (PPO-ptx vs GPT) | agrees |" in text
+    assert "21.0% vs 41.0% (PPO-ptx vs GPT) | unclear: intervals overlap |" in text  # [10, 30] touches [30, 50]
+    assert "| 72.4 ± 0.4% (6B RM) | 70.0 [65.0, 75.0] | agrees |" in text
+
+
+def test_verdicts_need_intervals_on_one_side():
+    r = lambda lo, hi: {"value": (lo + hi) / 2, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    assert versus_chance(r(0.55, 0.7)) == "agrees" and versus_chance(r(0.3, 0.45)) == "opposite"
+    assert versus_chance(r(0.45, 0.7)).startswith("unclear") and versus_chance(None) == "n/a"
+    assert versus_chance(r(0.3, 0.45), paper_above=False) == "agrees"
+    assert versus_method(r(0.1, 0.2), r(0.3, 0.4), paper_lower=True) == "agrees"
+    assert versus_method(r(0.1, 0.2), r(0.3, 0.4), paper_lower=False) == "opposite"
+    assert versus_method(r(0.1, 0.35), r(0.3, 0.4), paper_lower=True).startswith("unclear")
+    assert versus_value(r(0.5, 0.6), 0.724) == "lower than the paper" and versus_value(r(0.8, 0.9), 0.724) == "higher than the paper"
+    assert versus_value(r(0.7, 0.75), 0.724) == "agrees"
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,3 +410,13 @@ def test_notebook_renders_every_section_on_the_cached_stage(analysed, tmp_path):
                    "fig_overoptimization", "fig_rm_generalization", "fig_hallucination"):
         assert (results / f"{figure}.png").exists() and (results / f"{figure}.csv").exists(), figure
     assert (results / "metrics.json").exists() and (results / "analysis_generations.csv").exists()
+
+
+def test_finding_line_names_paper_ours_and_verdict():
+    from rlhf_lib.report import finding
+
+    line = finding(_fake_metrics(), "win_vs_gpt")
+    assert line == ("InstructGPT preferred to GPT-3 (held-out labelers): paper 85 ± 3% (175B vs 175B); "
+                    "this run 85.0 [80.0, 90.0] (PPO-ptx vs GPT) -> agrees")
+    with pytest.raises(KeyError):
+        finding(_fake_metrics(), "nonsense")

@@ -517,3 +517,30 @@ def test_over_long_prompt_keeps_its_end(micro_tokenizer):
     out = generate(model, micro_tokenizer, [text], max_new_tokens=2, temperature=0.0, max_prompt_tokens=32)
     assert out.query_ids.shape[1] == 32
     assert out.query_ids[0, -8:].tolist() == cue
+
+
+def test_score_trend_compares_each_prompt_with_itself():
+    """A steady rise is found with its size even when hard prompts are drawn late; no rise gives ~0."""
+    import numpy as np
+    import pandas as pd
+
+    from rlhf_lib.ppo import score_trend
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(40):
+        offset = -3.0 if p >= 20 else 3.0  # the second half of the prompts is much harder ...
+        iterations = rng.choice(np.arange(1, 6) if p < 20 else np.arange(6, 11), size=3, replace=False)  # ... and drawn late
+        for it in iterations:
+            rows.append({"prompt": f"p{p}", "iteration": int(it), "rm_score": offset + 0.1 * it + rng.normal(0, 0.05)})
+    samples = pd.DataFrame(rows)
+    naive = np.polyfit(samples["iteration"], samples["rm_score"], 1)[0]
+    assert naive < 0  # a pooled regression reads the prompt mix as a fall
+    trend = score_trend(samples, n_resamples=500)
+    assert trend.n == 40 and trend.value == pytest.approx(0.1, abs=0.01)
+    assert 0.08 < trend.ci_low < 0.1 < trend.ci_high < 0.12
+    flat = samples.assign(rm_score=samples["prompt"].str[1:].astype(int) + rng.normal(0, 0.05, len(samples)))
+    flat_trend = score_trend(flat, n_resamples=500)
+    assert flat_trend.ci_low < 0 < flat_trend.ci_high
+    once = pd.DataFrame({"prompt": ["a", "b"], "iteration": [1, 2], "rm_score": [0.0, 1.0]})
+    assert score_trend(once).n == 0  # no prompt seen twice: nothing to compare
