@@ -716,3 +716,43 @@ def export_results(stage_dir: Path | str, results_dir: Path | str) -> list[Path]
             shutil.copy2(path, target)
             copied.append(target)
     return copied
+
+
+def recheck_from_saved(cfg: StudyConfig, paths: RunPaths, results_dir: Path | str) -> pd.DataFrame:
+    """Recompute headline numbers from the shared files alone, beside the numbers metrics.json reports.
+
+    Reads results_dir/analysis_generations.csv and analysis_truthfulqa_per_item.csv (what a reader of the
+    rendered study has), the data stage's prompts and questions, and the reward stage's labeler noise.
+    Win rates vs SFT are re-judged by a freshly built held-out labeler population; TruthfulQA MC1 comes
+    from each question's chosen choice and its labels, "true & informative" from re-judging the saved
+    answers. Columns: metric, method, reported, recomputed. A mismatch means the files and the report
+    disagree::
+
+        study = open_study("tiny"); recheck_from_saved(study.cfg, study.paths, study.results_dir)
+    """
+    from rlhf_lib.data.study import StudyData
+    from rlhf_lib.evaluation import preference, truthfulness
+
+    results_dir = Path(results_dir)
+    metrics = json.loads((results_dir / "metrics.json").read_text())
+    data = StudyData.load(paths.require("data") / "study")
+    judges, _ = heldout_judges(cfg, paths.stage("reward") if paths.is_done("reward") else None)
+    gens = pd.read_csv(results_dir / "analysis_generations.csv", keep_default_na=False)
+    rows = []
+    wins = preference.win_rate_table(gens, [dict(r) for r in data.split("eval")], judges, baseline_method=BASELINE,
+                                     n_resamples=10, seed=cfg.seed)
+    for _, win in wins.iterrows():
+        reported = metrics["methods"][win["method"]][f"win_rate_vs_{BASELINE}"]["value"]
+        rows.append({"metric": f"win_rate_vs_{BASELINE}", "method": win["method"], "reported": reported,
+                     "recomputed": win["value"]})
+    per_item_path = results_dir / "analysis_truthfulqa_per_item.csv"
+    if per_item_path.exists():
+        questions = {r["id"]: dict(r) for r in data.truthfulqa}
+        per_item = pd.read_csv(per_item_path, keep_default_na=False)
+        for method, items in per_item.groupby("method", sort=False):
+            mc1 = [float(questions[q]["mc_labels"][c] == 1) for q, c in zip(items["id"], items["chosen"], strict=True)]
+            judged = truthfulness.judge_generated([questions[q] for q in items["id"]], list(items["answer"]))
+            for key, value in (("truthfulqa_mc1", np.mean(mc1)), ("truthfulqa_true_informative", judged["true_informative"].mean())):
+                rows.append({"metric": key, "method": method, "reported": metrics["methods"][method][key]["value"],
+                             "recomputed": float(value)})
+    return pd.DataFrame(rows, columns=["metric", "method", "reported", "recomputed"])

@@ -18,6 +18,7 @@ import torch
 from rlhf_lib import models
 from rlhf_lib.adapters import save_policy_dir, save_reward_dir
 from rlhf_lib.analysis import (
+    export_results,
     find_upstream,
     load_metrics,
     load_tables,
@@ -420,3 +421,20 @@ def test_finding_line_names_paper_ours_and_verdict():
                     "this run 85.0 [80.0, 90.0] (PPO-ptx vs GPT) -> agrees")
     with pytest.raises(KeyError):
         finding(_fake_metrics(), "nonsense")
+
+
+def test_headline_numbers_recompute_from_the_shared_files(analysed, tmp_path):
+    from rlhf_lib.analysis import recheck_from_saved
+
+    cfg, paths, data, stage_dir = analysed
+    export_results(stage_dir, tmp_path)
+    table = recheck_from_saved(cfg, paths, tmp_path)
+    assert set(table["metric"]) == {"win_rate_vs_SFT", "truthfulqa_mc1", "truthfulqa_true_informative"}
+    assert {"GPT", "SFT", "PPO", "DPO"} <= set(table["method"])
+    assert (table["reported"] - table["recomputed"]).abs().max() < 1e-9
+    gens = pd.read_csv(tmp_path / "analysis_generations.csv", keep_default_na=False)
+    gens.loc[gens["method"] == "GPT", "completion"] = "you idiot"  # a tampered file no longer matches the report
+    gens.to_csv(tmp_path / "analysis_generations.csv", index=False)
+    tampered = recheck_from_saved(cfg, paths, tmp_path).set_index(["metric", "method"])
+    row = tampered.loc[("win_rate_vs_SFT", "GPT")]
+    assert row["recomputed"] != row["reported"]
