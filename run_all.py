@@ -298,14 +298,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {step['size']:>6}  {step['stage']:<9} {state:<8} {seconds / 60:6.1f} min  -> {step['output']}")
     print(f"Total: {total / 60:.1f} min. Finished {datetime.now(UTC).isoformat(timespec='seconds')}.")
     print(f"Rendered results: {Path(args.output).resolve()} (each size's run_record.json says what made them)")
-    try:
-        from rlhf_lib.report import write_summary
+    sizes = list(dict.fromkeys(x["size"] for x in steps))
+    if len(sizes) > 1:
+        write_cross_size(args, sizes)
+    from rlhf_lib.report import write_summary
 
-        written = write_summary(Path(args.output), [s for s in dict.fromkeys(x["size"] for x in steps)])
-        print(f"Summary table: {written}")
-    except ImportError:
-        pass
+    written = write_summary(Path(args.output), sizes)
+    print(f"Summary table: {written}")
     return 0
+
+
+def write_cross_size(args: argparse.Namespace, sizes: list[str]) -> None:
+    """Figure 1 across sizes (rlhf_lib.analysis.cross_size_win_rates) once two or more sizes are analysed."""
+    from rlhf_lib import plots
+    from rlhf_lib.analysis import cross_size_win_rates
+    from rlhf_lib.config import load_preset
+    from rlhf_lib.pipeline import RunPaths
+
+    studies = []
+    for size in sizes:
+        cfg = load_preset(size, overrides_for(args))
+        studies.append((cfg, RunPaths.for_config(cfg, Path(args.runs_dir) / size if args.runs_dir else None)))
+    table = cross_size_win_rates(studies, Path(args.output))
+    if table is None:
+        print("Across sizes: fewer than two sizes have a finished analysis; no cross-size figure.")
+        return
+    figure = plots.plot_win_rates(table, Path(args.output) / "fig_win_rate_sizes.png")
+    print(f"Across sizes (baseline {table['baseline'].iloc[0]}): {figure}")
 
 
 if __name__ == "__main__":

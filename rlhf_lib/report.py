@@ -256,6 +256,29 @@ def load_size_metrics(results_dir: Path, size: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def cross_size_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Methods x sizes of `value [interval]` (percent) from `analysis.cross_size_win_rates`'s table."""
+    from rlhf_lib.config import PRESETS
+
+    cells = table.assign(cell=[format_result(r) for r in table.to_dict(orient="records")])
+    wide = cells.pivot(index="method", columns="size", values="cell")
+    sizes = sorted(wide.columns, key=lambda s: PRESETS.index(s) if s in PRESETS else len(PRESETS))
+    methods = [m for m in METHOD_ORDER if m in wide.index]
+    return wide.reindex(index=methods, columns=sizes).fillna("n/a")
+
+
+def _cross_size_section(results_dir: Path, sizes: Sequence[str]) -> list[str]:
+    path = results_dir / "cross_size_win_rate.csv"  # analysis.CROSS_SIZE_TABLE, written by run_all with 2+ sizes
+    if len(sizes) < 2 or not path.exists():
+        return []
+    table = pd.read_csv(path)
+    if not set(table["size"]) <= set(sizes):
+        return []  # from another selection of sizes
+    return ["", f"## Across sizes: win rate vs {table['baseline'].iloc[0]} (Figure 1)", "",
+            "Every size answered the largest size's held-out prompts, judged by its held-out labelers "
+            "(`fig_win_rate_sizes.png`).", "", _markdown(cross_size_table(table))]
+
+
 def write_summary(results_dir: Path, sizes: list[str], command: str | None = None) -> Path:
     """Write `<results_dir>/SUMMARY.md` from each size's metrics.json; returns its path.
 
@@ -291,6 +314,7 @@ def write_summary(results_dir: Path, sizes: list[str], command: str | None = Non
             lines.append(f"- skipped {method}: {reason}")
         for note in m.get("notes", []):
             lines.append(f"- note: {note}")
+    lines += _cross_size_section(results_dir, sizes)
     text = "\n".join(lines) + "\n"
     results_dir.mkdir(parents=True, exist_ok=True)
     target = results_dir / SUMMARY_FILE

@@ -132,8 +132,8 @@ def _save_policy(directory: Path, seed: int) -> Path:
     return save_policy_dir(_random_lora(seed), "default", directory, "micro", finetune="lora", quantize_4bit=False)
 
 
-def _fake_upstream(root: Path, reward: bool = True, ppo: bool = True) -> tuple:
-    cfg = load_preset("micro", OVERRIDES)
+def _fake_upstream(root: Path, reward: bool = True, ppo: bool = True, preset: str = "micro") -> tuple:
+    cfg = load_preset("micro", {**OVERRIDES, "preset": preset})  # another preset name stands for another size
     paths = RunPaths.for_config(cfg, root)
     data = build_data_stage(cfg, paths, builder=_study_data)
     with cached_stage(paths, "sft") as stage:
@@ -438,3 +438,55 @@ def test_headline_numbers_recompute_from_the_shared_files(analysed, tmp_path):
     tampered = recheck_from_saved(cfg, paths, tmp_path).set_index(["metric", "method"])
     row = tampered.loc[("win_rate_vs_SFT", "GPT")]
     assert row["recomputed"] != row["reported"]
+
+
+def test_cross_size_win_rates_use_one_baseline_and_one_prompt_set(analysed, tmp_path):
+    """Every size answers the largest size's prompts; SFT at the largest size is the tie line."""
+    from rlhf_lib.analysis import CROSS_SIZE_GENERATIONS, cross_size_win_rates
+
+    small_cfg, small_paths, _, _ = analysed  # "micro", with GPT, SFT, PPO
+    big_cfg, big_paths, big_data = _fake_upstream(tmp_path / "runs" / "small", ppo=False, preset="small")
+    assert cross_size_win_rates([(small_cfg, small_paths), (big_cfg, big_paths)], tmp_path) is None  # small: no analysis yet
+    run_analysis_stage(big_cfg, big_paths, progress=False)
+    table = cross_size_win_rates([(small_cfg, small_paths), (big_cfg, big_paths)], tmp_path / "out", progress=False)
+    assert set(table["baseline"]) == {"SFT@small"}
+    got = table.set_index(["method", "size"])["value"]
+    assert got[("SFT", "small")] == 0.5
+    assert {("GPT", "micro"), ("SFT", "micro"), ("PPO", "micro"), ("GPT", "small")} <= set(got.index)
+    assert ("PPO", "small") not in got.index  # the small run has no PPO stage
+    gens = pd.read_csv(tmp_path / "out" / CROSS_SIZE_GENERATIONS)
+    eval_ids = [r["id"] for r in big_data.split("eval")]
+    assert all(sorted(g["prompt_id"]) == sorted(eval_ids) for _, g in gens.groupby(["method", "size"]))
+    # micro's PPO answers the new prompts with its own adapter, exactly as generate() would.
+    tokenizer = models.load_tokenizer("micro")
+    ppo, _ = load_policy(small_paths.stage("ppo") / "ppo" / "policy")
+    rows = {r["id"]: r["prompt"] for r in big_data.split("eval")}
+    mine = gens[(gens["method"] == "PPO") & (gens["size"] == "micro")]
+    expected = generate(ppo, tokenizer, [format_prompt(tokenizer, rows[i]) for i in mine["prompt_id"]],
+                        max_new_tokens=small_cfg.generation.max_new_tokens, temperature=0.0).texts
+    assert mine["completion"].fillna("").tolist() == expected
+    # Nothing changed: the saved table is reused without generating again.
+    import rlhf_lib.analysis as analysis
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("regenerated although no analysis changed")
+
+    original = analysis._answer
+    analysis._answer = refuse
+    try:
+        again = cross_size_win_rates([(small_cfg, small_paths), (big_cfg, big_paths)], tmp_path / "out", progress=False)
+    finally:
+        analysis._answer = original
+    assert len(again) == len(table)
+
+
+def test_summary_has_the_cross_size_table_only_for_its_sizes(tmp_path):
+    rows = [("SFT", "tiny", 0.5, 0.5, 0.5), ("PPO", "tiny", 0.6, 0.5, 0.7), ("PPO", "micro", 0.4, 0.3, 0.5),
+            ("GPT", "micro", 0.1, 0.0, 0.2)]
+    pd.DataFrame([{"method": m, "size": s, "metric": "win_rate", "value": v, "ci_low": lo, "ci_high": hi, "n": 8,
+                   "baseline": "SFT@tiny"} for m, s, v, lo, hi in rows]).to_csv(tmp_path / "cross_size_win_rate.csv", index=False)
+    text = write_summary(tmp_path, ["micro", "tiny"]).read_text()
+    assert "## Across sizes: win rate vs SFT@tiny (Figure 1)" in text
+    assert "| method | micro | tiny |" in text
+    assert "| GPT | 10.0 [0.0, 20.0] | n/a |" in text and "| PPO | 40.0 [30.0, 50.0] | 60.0 [50.0, 70.0] |" in text
+    assert "Across sizes" not in write_summary(tmp_path, ["tiny"]).read_text()

@@ -125,3 +125,28 @@ def test_single_process_stages_refuse_a_launcher(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert stages.main(["reward", "--preset", "micro"]) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+def test_several_sizes_get_the_cross_size_figure(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    import rlhf_lib.analysis as analysis
+
+    seen = {}
+
+    def fake_cross_size(studies, out_dir, progress=True):
+        seen["sizes"] = [cfg.preset for cfg, _ in studies]
+        seen["runs"] = [str(paths.root) for _, paths in studies]
+        if out_dir.name == "none":
+            return None
+        return pd.DataFrame({"method": ["SFT", "PPO"], "size": ["tiny", "micro"], "metric": "win_rate", "value": [0.5, 0.4],
+                             "ci_low": [0.5, 0.3], "ci_high": [0.5, 0.5], "n": 8, "baseline": "SFT@tiny"})
+
+    monkeypatch.setattr(analysis, "cross_size_win_rates", fake_cross_size)
+    args = run_all.parse_args(["--sizes", "micro,tiny", "--output", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")])
+    run_all.write_cross_size(args, ["micro", "tiny"])
+    assert seen["sizes"] == ["micro", "tiny"] and seen["runs"] == [str(tmp_path / "runs" / s) for s in ("micro", "tiny")]
+    assert (tmp_path / "out" / "fig_win_rate_sizes.png").exists() and (tmp_path / "out" / "fig_win_rate_sizes.csv").exists()
+    assert "baseline SFT@tiny" in capsys.readouterr().out
+    run_all.write_cross_size(run_all.parse_args(["--sizes", "micro,tiny", "--output", str(tmp_path / "none")]), ["micro", "tiny"])
+    assert "fewer than two sizes" in capsys.readouterr().out
