@@ -201,18 +201,6 @@ def describe_failure(err: Exception, step: dict) -> str:
     )
 
 
-def git_commit() -> str:
-    """The repository's commit, with `+dirty` when tracked files differ from it; `unknown` outside git."""
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty.strip() else "")
-
-
 def write_run_records(summary: list[tuple[dict, float, str]], argv: list[str]) -> list[Path]:
     """results/<size>/run_record.json: what produced each rendered notebook (command, commit, seed, times).
 
@@ -222,6 +210,8 @@ def write_run_records(summary: list[tuple[dict, float, str]], argv: list[str]) -
     import shlex
 
     import torch
+
+    from rlhf_lib.pipeline import code_commit
 
     written = []
     for size in dict.fromkeys(step["size"] for step, _, _ in summary):
@@ -234,7 +224,8 @@ def write_run_records(summary: list[tuple[dict, float, str]], argv: list[str]) -
             record["stages"][step["stage"]] = {
                 "notebook": step["notebook"],
                 "command": shlex.join(["python", "run_all.py", *argv]),
-                "commit": git_commit(),
+                "commit": code_commit(),  # the code that rendered the notebook
+                "stage_commit": done.get("commit", "not recorded"),  # the code that computed the stage
                 "preset": size,
                 "seed": done["seed"],
                 "fingerprint": done["fingerprint"],

@@ -156,6 +156,7 @@ def cached_stage(paths: RunPaths, name: str) -> Iterator[StageHandle]:
                 "fingerprint": paths.cfg.fingerprint(name),
                 "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
                 "seconds": round(time.time() - started, 1),
+                "commit": code_commit(),
                 "config": paths.cfg.to_dict(),
             }
             (tmp / DONE).write_text(json.dumps(record, indent=1))
@@ -166,6 +167,23 @@ def cached_stage(paths: RunPaths, name: str) -> Iterator[StageHandle]:
         if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     wait_for_all_processes()  # nobody reads the stage before it is published
+
+
+def code_commit(repo: Path | None = None) -> str:
+    """The repository's commit, `+dirty` when tracked code differs from it; `unknown` outside git.
+
+    results/ is left out of the comparison: a study run rewrites its own rendered outputs there.
+    """
+    import subprocess
+
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+                               cwd=repo, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty.strip() else "")
 
 
 def stage_record(paths: RunPaths, name: str) -> dict:

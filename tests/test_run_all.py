@@ -82,7 +82,7 @@ def test_changed_knob_reruns_only_downstream(tmp_path):
     assert record["preset"] == "micro"
     rendered = json.loads((out / "micro" / "run_record.json").read_text())["stages"]
     assert list(rendered) == list(run_all.NOTEBOOKS)
-    assert all(r["seed"] == 0 and r["preset"] == "micro" and "--quantize" in r["command"] and r["commit"] for r in rendered.values())
+    assert all(r["seed"] == 0 and r["preset"] == "micro" and "--quantize" in r["command"] and r["commit"] and r["stage_commit"] != "not recorded" for r in rendered.values())
 
 
 def test_launcher_runs_the_distributed_stages_before_their_notebooks(tmp_path, monkeypatch):
@@ -150,3 +150,25 @@ def test_several_sizes_get_the_cross_size_figure(tmp_path, monkeypatch, capsys):
     assert "baseline SFT@tiny" in capsys.readouterr().out
     run_all.write_cross_size(run_all.parse_args(["--sizes", "micro,tiny", "--output", str(tmp_path / "none")]), ["micro", "tiny"])
     assert "fewer than two sizes" in capsys.readouterr().out
+
+
+def test_code_commit_ignores_the_runs_own_results(tmp_path):
+    import subprocess
+
+    from rlhf_lib.pipeline import code_commit
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "table.csv").write_text("a\n1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "results" / "table.csv").write_text("a\n2\n")  # a rendered output the run rewrote
+    assert code_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert code_commit(tmp_path) == head + "+dirty"
+    assert code_commit(tmp_path / "results" / "nowhere") == "unknown"
