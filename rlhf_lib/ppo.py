@@ -475,6 +475,11 @@ def build_roles(
     if shares_base:
         attach_adapter(model, Path(reward_dir) / RM_ADAPTER, "value", trainable=True)
         value_head = models.ScalarHead.load(Path(reward_dir) / RM_HEAD, device=model_device)
+        # The value starts as the RM *with its normalisation*: V(full response) = the score PPO is paid. With the
+        # raw head every value sits `bias` too high, and GAE turns that offset into a negative advantage on each
+        # response's last tokens (EOS above all), whatever the reward: the policy learns to ramble.
+        with torch.no_grad():
+            value_head.linear.bias -= float(rm_meta.get("bias", 0.0))
         if need_reward:
             attach_adapter(model, Path(reward_dir) / RM_ADAPTER, "reward", trainable=False)
             adapters["reward"] = "reward"

@@ -544,3 +544,18 @@ def test_score_trend_compares_each_prompt_with_itself():
     assert flat_trend.ci_low < 0 < flat_trend.ci_high
     once = pd.DataFrame({"prompt": ["a", "b"], "iteration": [1, 2], "rm_score": [0.0, 1.0]})
     assert score_trend(once).n == 0  # no prompt seen twice: nothing to compare
+
+
+def test_value_starts_as_the_normalised_rm(artifacts):
+    """V on a full sequence equals the RM score PPO is paid, bias (0.25 here) included: an offset would
+    become a negative advantage on every response's last tokens, whatever the reward."""
+    cfg = micro_cfg()
+    roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm")
+    tokenizer.padding_side = "left"
+    enc = tokenizer(["Hello there", "A longer text about rivers"], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        with roles.role("value") as model:
+            values = score_token_ids(model, roles.value_head, enc["input_ids"], enc["attention_mask"])
+        scores = roles.reward_scores(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(values, scores, atol=1e-5, rtol=0)
+    assert scores.abs().min() > 1e-3  # not trivially zero
