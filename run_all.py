@@ -40,9 +40,9 @@ DISTRIBUTED_STAGES = ("sft", "ppo")  # rlhf_lib.stages.DISTRIBUTED_STAGES, witho
 # Rough minutes per stage on a 2-core CPU, used only for the plan's estimate until a run has been timed.
 ROUGH_MINUTES = {
     "micro": {"data": 1, "sft": 0.5, "reward": 1, "ppo": 1, "analysis": 2},
-    # tiny, measured 2026-12-01 (results/tiny/run_all.log): data 0.3, SFT 13.7, RM 55 (about 20 of them shared
-    # with a test run); PPO ran at ~190 s per 16-episode iteration (x 8 iterations x 2 runs); analysis not yet timed.
-    "tiny": {"data": 1, "sft": 14, "reward": 40, "ppo": 55, "analysis": 20},
+    # tiny, measured 2026-12-01 (results/tiny/RUN.md): data 0.4, SFT 9.6, RM 30.2, PPO + PPO-ptx ~40 on a quiet
+    # machine, analysis 12.7.
+    "tiny": {"data": 1, "sft": 10, "reward": 30, "ppo": 40, "analysis": 13},
     "small": {"data": 1, "sft": 10, "reward": 20, "ppo": 25, "analysis": 25},
 }
 
