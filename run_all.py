@@ -90,14 +90,19 @@ def notebook_current(output: Path, stage_done: bool, stage_dir: Path) -> bool:
     return stage_done and not failed and output.exists() and output.stat().st_mtime >= done_file.stat().st_mtime
 
 
-def plan(args: argparse.Namespace) -> list[dict]:
+def study_for(args: argparse.Namespace, size: str) -> tuple:
+    """The validated preset (with the command line's overrides) and the run paths of one size."""
     from rlhf_lib.config import load_preset
     from rlhf_lib.pipeline import RunPaths
 
+    cfg = load_preset(size, overrides_for(args))
+    return cfg, RunPaths.for_config(cfg, Path(args.runs_dir) / size if args.runs_dir else None)
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
     steps = []
     for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
-        cfg = load_preset(size, overrides_for(args))
-        paths = RunPaths.for_config(cfg, Path(args.runs_dir) / size if args.runs_dir else None)
+        cfg, paths = study_for(args, size)
         for stage in selected_stages(args):
             out = Path(args.output) / size / NOTEBOOKS[stage]
             done = paths.is_done(stage)
@@ -303,14 +308,8 @@ def write_cross_size(args: argparse.Namespace, sizes: list[str]) -> None:
     """Figure 1 across sizes (rlhf_lib.analysis.cross_size_win_rates) once two or more sizes are analysed."""
     from rlhf_lib import plots
     from rlhf_lib.analysis import cross_size_win_rates
-    from rlhf_lib.config import load_preset
-    from rlhf_lib.pipeline import RunPaths
 
-    studies = []
-    for size in sizes:
-        cfg = load_preset(size, overrides_for(args))
-        studies.append((cfg, RunPaths.for_config(cfg, Path(args.runs_dir) / size if args.runs_dir else None)))
-    table = cross_size_win_rates(studies, Path(args.output))
+    table = cross_size_win_rates([study_for(args, size) for size in sizes], Path(args.output))
     if table is None:
         print("Across sizes: fewer than two sizes have a finished analysis; no cross-size figure.")
         return

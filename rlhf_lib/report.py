@@ -131,9 +131,13 @@ def _ours(metrics: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _result(metrics: Mapping[str, Any], method: str | None, key: str) -> Mapping[str, Any] | None:
-    result = metrics.get("methods", {}).get(method, {}).get(key) if method else None
+def _with_interval(result: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The result if it has a finite value and interval, else None."""
     return result if result and all(_finite(result.get(k)) for k in ("value", "ci_low", "ci_high")) else None
+
+
+def _result(metrics: Mapping[str, Any], method: str | None, key: str) -> Mapping[str, Any] | None:
+    return _with_interval(metrics.get("methods", {}).get(method, {}).get(key) if method else None)
 
 
 def versus_chance(result: Mapping[str, Any] | None, paper_above: bool = True) -> str:
@@ -160,7 +164,8 @@ def versus_method(ours: Mapping[str, Any] | None, theirs: Mapping[str, Any] | No
 
 def versus_value(result: Mapping[str, Any] | None, paper_value: float) -> str:
     """Does our interval contain the paper's number, or lie below or above it?"""
-    if result is None or not all(_finite(result.get(k)) for k in ("value", "ci_low", "ci_high")):
+    result = _with_interval(result)
+    if result is None:
         return "n/a"
     if result["ci_high"] < paper_value:
         return "lower than the paper"
