@@ -138,8 +138,17 @@ class PPOConfig:
     rollout_batch: int = _knob(8, "Episodes (prompts) per iteration (paper 512).", low=1)
     minibatch: int = _knob(4, "Episodes per gradient step (paper 64).", low=1)
     ppo_epochs: int = _knob(4, "Passes over each rollout batch (paper 1; later reproductions 4).", low=1)
-    learning_rate: float = _knob(1e-5, "Constant LR after warm-up.", low=0.0, high=1.0)
+    learning_rate: float = _knob(1e-5, "Constant LR after warm-up (the policy's; the value's too unless set below).", low=0.0, high=1.0)
+    value_learning_rate: float = _knob(
+        0.0, "LR of the value function (adapter + head); 0 = learning_rate. Later RLHF code often trains the critic "
+        "faster than the policy.", low=0.0, high=1.0,
+    )
     warmup_iterations: int = _knob(1, "Linear LR warm-up iterations (paper 10).", low=0)
+    value_warmup_iterations: int = _knob(
+        0, "Iterations at the start in which only the value function learns (policy and ptx frozen), so that the "
+        "RM-initialised critic fits the SFT policy's returns before its advantages steer the policy (not in the "
+        "paper; later RLHF code calls it critic warm-up).", low=0,
+    )
     kl_beta: float = _knob(0.02, "Per-token KL penalty coefficient beta (paper 0.02).", low=0.0)
     adaptive_kl: bool = _knob(False, "Adapt beta towards target_kl (Ziegler et al.).")
     target_kl: float = _knob(6.0, "Target sequence KL for the adaptive controller.", low=0.0)
@@ -315,8 +324,18 @@ def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = value
+        _merge_override(node, leaf, value)
     return config_from_dict(values, str(path))
+
+
+def _merge_override(node: dict[str, Any], key: str, value: Any) -> None:
+    """node[key] = value, except that a table merges into a table: {"ppo": {"learning_rate": 1e-3}} changes
+    that one knob and keeps the preset's other [ppo] values (replacing the table would reset them to defaults)."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for sub_key, sub_value in value.items():
+            _merge_override(node[key], sub_key, sub_value)
+    else:
+        node[key] = value
 
 
 def describe_knobs() -> str:

@@ -56,3 +56,13 @@ def test_fingerprint_changes_only_downstream():
     assert base.fingerprint("reward") == changed.fingerprint("reward")
     assert base.fingerprint("ppo") != changed.fingerprint("ppo")
     assert base.fingerprint("analysis") != changed.fingerprint("analysis")
+
+
+def test_a_table_override_changes_its_knobs_and_keeps_the_rest_of_the_preset():
+    preset = load_preset("tiny")
+    nested = load_preset("tiny", {"ppo": {"learning_rate": 1e-3}, "seed": 3})
+    dotted = load_preset("tiny", {"ppo.learning_rate": 1e-3, "seed": 3})
+    assert nested == dotted
+    assert nested.ppo.learning_rate == 1e-3 and nested.seed == 3
+    for name in ("rollout_batch", "minibatch", "ppo_epochs", "iterations"):
+        assert getattr(nested.ppo, name) == getattr(preset.ppo, name), name
