@@ -103,7 +103,7 @@ def run_design(design: str, preset: str, overrides: dict, artifacts: Path, itera
     import torch
 
     from rlhf_lib.config import load_preset
-    from rlhf_lib.ppo import build_roles, collect_rollout, iteration_prompts, ppo_update
+    from rlhf_lib.ppo import build_optimizer, build_roles, collect_rollout, iteration_prompts, ppo_update
 
     cfg = load_preset(preset, overrides)
     started = time.time()
@@ -112,7 +112,7 @@ def run_design(design: str, preset: str, overrides: dict, artifacts: Path, itera
     else:
         roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm")
     setup_s = time.time() - started
-    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=cfg.ppo.learning_rate, eps=1e-5)
+    optimizer = build_optimizer(roles, cfg.ppo)
     rollout_s = update_s = 0.0
     lengths = []
     for iteration in range(1, iterations + 1):

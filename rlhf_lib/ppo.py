@@ -27,7 +27,9 @@ implementation details of RLHF with PPO (Huang et al., "The N implementation det
  5. GAE           advantages with gamma = 1, lambda = 0.95, respecting the response mask;
                   returns = advantages + values.
  6. whitening     advantages normalised to mean 0, std 1 over the valid tokens of the batch.
- 7. PPO epochs    over shuffled minibatches: clipped ratio loss, clipped value loss, gradient clip, step.
+ 7. PPO epochs    over shuffled minibatches: clipped ratio loss, clipped value loss, gradient clip (the
+                  policy's and the value's each on its own), step. During the first
+                  `value_warmup_iterations` only the value function learns (critic warm-up).
  8. PPO-ptx       every step also adds ptx_coef * LM loss on pretraining text (only when ptx is on).
  9. controllers   optional adaptive beta (Ziegler et al.), optional EMA of the policy weights,
                   constant learning rate after a linear warm-up.
@@ -263,12 +265,54 @@ class KLController:
         self.value *= 1.0 + error * episodes / self.horizon
 
 
-def learning_rate_at(step: int, ppo: PPOConfig, updates_per_iteration: int) -> float:
-    """Constant LR after a linear warm-up over `warmup_iterations` iterations (the paper: 10)."""
+def learning_rate_at(step: int, ppo: PPOConfig, updates_per_iteration: int, role: str = "value") -> float:
+    """Constant LR after a linear warm-up over `warmup_iterations` iterations (the paper: 10).
+
+    The policy's clock starts after the `value_warmup_iterations` in which only the value function
+    learns (its LR is 0 until then), so its own warm-up is not spent while it is not training.
+    """
+    if role == "policy":
+        step -= ppo.value_warmup_iterations * updates_per_iteration
+        if step < 0:
+            return 0.0
+    peak = ppo.value_learning_rate if role == "value" and ppo.value_learning_rate > 0 else ppo.learning_rate
     warmup_steps = ppo.warmup_iterations * updates_per_iteration
     if warmup_steps == 0:
-        return ppo.learning_rate
-    return ppo.learning_rate * min(1.0, (step + 1) / warmup_steps)
+        return peak
+    return peak * min(1.0, (step + 1) / warmup_steps)
+
+
+def build_optimizer(roles: PolicyValueRoles, ppo: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW with two parameter groups, `role` "policy" and "value", clipped and scheduled separately.
+
+    The policy and the value function are separate networks that happen to share a frozen base; one
+    gradient-norm clip over both would let the critic's gradient (the larger one early on, when the
+    RM-initialised values still miss the returns) shrink every policy step.
+    """
+    policy = roles.named_policy_parameters()
+    value = [p for name, p in roles.named_trainable().items() if name not in policy]
+    value_lr = ppo.value_learning_rate or ppo.learning_rate
+    groups = [{"params": list(policy.values()), "role": "policy"}, {"params": value, "role": "value", "lr": value_lr}]
+    return torch.optim.AdamW(groups, lr=ppo.learning_rate, eps=ADAM_EPS, weight_decay=0.0)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, accelerator=None) -> dict[str, float]:
+    """Clip each parameter group's gradient norm to max_norm; returns the norms before clipping, by role.
+
+    Sharded engines (FSDP, DeepSpeed) own their gradients: there the whole model is clipped at once.
+    """
+    sharded = accelerator is not None and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    if sharded:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = accelerator.clip_grad_norm_(params, max_norm)
+        return {"grad_norm": float(norm) if norm is not None else float("nan")}
+    norms = {}
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if params:
+            role = group.get("role", "policy")
+            norms[role] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return {"grad_norm": norms.get("policy", float("nan")), "value_grad_norm": norms.get("value", float("nan"))}
 
 
 class EMA:
@@ -597,9 +641,17 @@ def _concat_generated(chunks: list[Generated], pad_id: int) -> Generated:
     )
 
 
-def _chunked(fn: Callable[..., Any], batch_size: int, *tensors: torch.Tensor) -> Any:
-    """Apply fn to row chunks of the tensors and concatenate the (tensor or tuple-of-tensor) results."""
-    outs = [fn(*(t[i : i + batch_size] for t in tensors)) for i in range(0, tensors[0].shape[0], batch_size)]
+def trim_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding in every row (left padding was set by the longest prompt
+    of the whole batch). Position ids come from the mask, so the outputs are unchanged; the matmuls shrink."""
+    first = int(attention_mask.any(0).float().argmax())
+    return input_ids[:, first:], attention_mask[:, first:]
+
+
+def _chunked(fn: Callable[..., Any], batch_size: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """fn(ids, mask) over row chunks (each trimmed of shared left padding), results concatenated by row."""
+    outs = [fn(*trim_left_padding(input_ids[i : i + batch_size], attention_mask[i : i + batch_size]))
+            for i in range(0, input_ids.shape[0], batch_size)]
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
     return torch.cat(outs)
@@ -717,13 +769,16 @@ def ppo_update(
     micro_batch_size: int | None = None,
     ptx_coef: float = 0.0,
     ptx_sampler: PretrainSampler | None = None,
-    lr_schedule: Callable[[int], float] | None = None,
+    lr_schedule: Callable[[int, str], float] | None = None,
     first_step: int = 0,
     ema: EMA | None = None,
+    update_policy: bool = True,
 ) -> list[dict[str, float]]:
     """Step 7 (+8): `ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch.
 
     loss = policy loss + value_loss_coef * value loss (+ ptx_coef * LM loss on pretraining text).
+    update_policy=False (the critic warm-up) trains the value function alone: the policy's parameter
+    group (`role` "policy", see build_optimizer) takes no step and keeps no optimizer state.
     `model` is PolicyValueRoles, possibly wrapped by accelerate/DDP. A minibatch larger than
     `micro_batch_size` rows is run in pieces whose gradients add up to the whole minibatch's (each piece's
     loss is weighted by its share of the minibatch's tokens). Returns one stats dict per optimizer step.
@@ -731,7 +786,9 @@ def ppo_update(
     """
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     response_len = rollout.response_ids.shape[1]
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    policy_group = [g for g in optimizer.param_groups if g.get("role") == "policy"]
+    if not update_policy and not policy_group:
+        raise ValueError("update_policy=False needs an optimizer whose policy group has role 'policy' (build_optimizer).")
     distributed = accelerator is not None and accelerator.num_processes > 1
     micro_batch_size = micro_batch_size or minibatch_size
     history: list[dict[str, float]] = []
@@ -743,11 +800,11 @@ def ppo_update(
             pieces = idx.split(micro_batch_size)
             minibatch_tokens = rollout.response_mask[idx].sum().clamp(min=1)
             ptx_ids = ptx_mask = None
-            if ptx_coef > 0:  # with ptx off the pretraining forward never runs: no ptx gradient at all
+            if ptx_coef > 0 and update_policy:  # with ptx off the pretraining forward never runs: no ptx gradient
                 ptx_ids, ptx_mask = ptx_sampler.batch(generator)
             if lr_schedule is not None:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_schedule(step)
+                    group["lr"] = lr_schedule(step, group.get("role", "policy"))
             optimizer.zero_grad(set_to_none=True)
 
             finite, ptx, outputs = True, None, []
@@ -757,14 +814,16 @@ def ppo_update(
                 sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(model)
                 with sync:
                     logprobs, entropy, values, piece_ptx = model(
-                        input_ids[piece], attention_mask[piece], response_len,
+                        *trim_left_padding(input_ids[piece], attention_mask[piece]), response_len,
                         ptx_ids if last else None, ptx_mask if last else None,
                     )
                     mask = rollout.response_mask[piece]
                     share = mask.sum() / minibatch_tokens
                     pg_loss, _ = policy_loss(logprobs, rollout.logprobs[piece], rollout.advantages[piece], mask, ppo.clip_range)
                     vf_loss, _ = value_loss(values, rollout.values[piece], rollout.returns[piece], mask, ppo.value_clip_range)
-                    loss = share * (pg_loss + ppo.value_loss_coef * vf_loss)
+                    # In the critic warm-up the policy term stays in the graph with weight 0: DDP expects a
+                    # gradient (here zero) for every trainable parameter.
+                    loss = share * (pg_loss * float(update_policy) + ppo.value_loss_coef * vf_loss)
                     if piece_ptx is not None:
                         ptx = piece_ptx
                         loss = loss + ptx_coef * piece_ptx
@@ -781,10 +840,10 @@ def ppo_update(
                 bad = accelerator.reduce(bad, reduction="sum")
             if bad.item() > 0:
                 raise FloatingPointError("non-finite loss")
-            if accelerator is not None:
-                grad_norm = accelerator.clip_grad_norm_(trainable, ppo.max_grad_norm)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, ppo.max_grad_norm)
+            if not update_policy:
+                for param in policy_group[0]["params"]:
+                    param.grad = None  # AdamW skips it: no step, no moments
+            grad_norms = clip_gradients(optimizer, ppo.max_grad_norm, accelerator)
             optimizer.step()
             if ema is not None:
                 ema.update()
@@ -800,8 +859,8 @@ def ppo_update(
                 "epoch": epoch, "step": step, "policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
                 "ptx_loss": ptx_value, "loss": pg_loss.item() + ppo.value_loss_coef * vf_loss.item()
                 + (ptx_coef * ptx_value if ptx is not None else 0.0),
-                "grad_norm": float(grad_norm), "train_entropy": masked_mean(entropy, mask).item(),
-                "lr": optimizer.param_groups[0]["lr"], **pg_stats, **vf_stats,
+                **grad_norms, "train_entropy": masked_mean(entropy, mask).item(),
+                "lr": (policy_group or optimizer.param_groups)[0]["lr"], **pg_stats, **vf_stats,
             })
             step += 1
     return history
@@ -816,7 +875,7 @@ METRIC_COLUMNS = (
     "iteration", "episodes", "time_s", "episodes_per_s", "lr", "kl_beta",
     "rm_score", "score", "reward", "kl", "entropy", "response_length", "eos_rate", "explained_variance", "value_mean",
     "policy_loss", "value_loss", "ptx_loss", "loss", "approx_kl", "clip_frac", "value_clip_frac", "grad_norm",
-    "train_entropy", "ratio_mean",
+    "value_grad_norm", "train_entropy", "ratio_mean",
 )
 
 
@@ -1021,7 +1080,7 @@ def train_ppo(
         cfg, policy_init_dir, reward_dir, device=accelerator.device, need_reward=reward_fn is None
     )
     reward_fn = reward_fn or rm_fn
-    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=ppo.learning_rate, eps=ADAM_EPS, weight_decay=0.0)
+    optimizer = build_optimizer(roles, ppo)
     ema = EMA(roles.named_policy_parameters(), ppo.ema_decay) if ppo.ema_decay > 0 else None
     kl_ctl = KLController(ppo.kl_beta, ppo.adaptive_kl, ppo.target_kl)
     state = TrainState(kl_beta=kl_ctl.value)
@@ -1062,8 +1121,8 @@ def train_ppo(
                 steps = ppo_update(
                     model, optimizer, rollout, ppo, local_minibatch, generator, accelerator=accelerator,
                     micro_batch_size=cfg.generation.batch_size, ptx_coef=ptx_coef, ptx_sampler=ptx_sampler,
-                    lr_schedule=lambda step: learning_rate_at(step, ppo, updates_per_iteration),
-                    first_step=state.optimizer_steps, ema=ema,
+                    lr_schedule=lambda step, role: learning_rate_at(step, ppo, updates_per_iteration, role),
+                    first_step=state.optimizer_steps, ema=ema, update_policy=iteration > ppo.value_warmup_iterations,
                 )
                 roles.eval()
             except FloatingPointError as err:
@@ -1074,7 +1133,7 @@ def train_ppo(
             # Step 9: the KL controller; then metrics (averaged over ranks), logs and the checkpoint.
             row = {**stats, **{k: _mean(steps, k) for k in (
                 "policy_loss", "value_loss", "ptx_loss", "loss", "approx_kl", "clip_frac", "value_clip_frac",
-                "grad_norm", "train_entropy", "ratio_mean")}}
+                "grad_norm", "value_grad_norm", "train_entropy", "ratio_mean")}}
             keys = sorted(row)
             means = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device, dtype=torch.float64), "mean")
             row = dict(zip(keys, means.tolist(), strict=True))

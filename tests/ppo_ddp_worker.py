@@ -9,6 +9,7 @@ iteration of train_ppo runs across both ranks. Rank 0 writes OUT_DIR/sync.json f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from rlhf_lib.config import load_preset
-from rlhf_lib.ppo import build_roles, collect_rollout, ppo_update, train_ppo
+from rlhf_lib.ppo import build_optimizer, build_roles, collect_rollout, ppo_update, train_ppo
 
 
 def checksum(named: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -39,13 +40,14 @@ def main() -> None:
     # 1. The pieces: each rank rolls out its own prompts, then one DDP step must leave identical weights.
     roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm", device=accelerator.device)
     initial = checksum(roles.named_trainable())
-    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=1e-3)
+    optimizer = build_optimizer(roles, dataclasses.replace(cfg.ppo, learning_rate=1e-3))
     model, optimizer = accelerator.prepare(roles, optimizer)
     torch.manual_seed(rank)
     rollout = collect_rollout(roles, tokenizer, prompts[rank::world][:2], cfg, kl_beta=0.02, seed=rank)
     ppo_update(model, optimizer, rollout, cfg.ppo, 2, torch.Generator().manual_seed(rank), accelerator=accelerator)
     live = accelerator.gather(checksum(roles.named_trainable()).unsqueeze(0))
-    advantages = accelerator.gather(rollout.advantages.sum().reshape(1).double())
+    # Returns, not advantages: whitened advantages sum to about 0 on every rank, so their sums can tie.
+    returns = accelerator.gather(rollout.returns.sum().reshape(1).double())
     ranks = accelerator.gather(torch.tensor([rank], dtype=torch.long))
 
     # 2. The whole loop: one iteration of train_ppo across both ranks.
@@ -57,7 +59,7 @@ def main() -> None:
             "ranks": ranks.tolist(),
             "checksums": live.tolist(),
             "initial_checksum": initial.tolist(),
-            "advantage_sums": advantages.tolist(),
+            "return_sums": returns.tolist(),
             "iterations": result.iterations,
             "metrics_rows": len(result.metrics),
             "checkpoint": (result.out_dir / "checkpoint-000001" / "trainable.safetensors").exists(),

@@ -24,7 +24,9 @@ from rlhf_lib.generation import generate
 from rlhf_lib.ppo import (
     KLController,
     PPODivergence,
+    build_optimizer,
     build_roles,
+    clip_gradients,
     collect_rollout,
     gae,
     iteration_prompts,
@@ -152,6 +154,23 @@ def test_adaptive_kl_moves_beta_towards_target_and_lr_warms_up():
     assert fixed.value == 0.1
     ppo = micro_cfg(**{"ppo.warmup_iterations": 2, "ppo.learning_rate": 1.0}).ppo
     assert [learning_rate_at(s, ppo, updates_per_iteration=2) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # With one critic warm-up iteration the policy's LR is 0 through it, then warms up on its own clock.
+    ppo = dataclasses.replace(ppo, value_warmup_iterations=1)
+    assert [learning_rate_at(s, ppo, 2, "policy") for s in range(6)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [learning_rate_at(s, ppo, 2, "value") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    ppo = dataclasses.replace(ppo, value_learning_rate=4.0)  # the critic on its own peak LR
+    assert [learning_rate_at(s, ppo, 2, "value") for s in range(6)] == [1.0, 2.0, 3.0, 4.0, 4.0, 4.0]
+    assert learning_rate_at(5, ppo, 2, "policy") == 1.0
+
+
+def test_policy_and_value_gradients_are_clipped_each_on_its_own():
+    small, large = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [small], "role": "policy"}, {"params": [large], "role": "value"}])
+    small.grad, large.grad = torch.tensor([0.3, 0.4]), torch.tensor([6.0, 8.0])
+    norms = clip_gradients(optimizer, max_norm=1.0)
+    assert norms == pytest.approx({"grad_norm": 0.5, "value_grad_norm": 10.0})
+    assert torch.equal(small.grad, torch.tensor([0.3, 0.4]))  # under the bound: untouched by the critic's norm
+    torch.testing.assert_close(large.grad, torch.tensor([0.6, 0.8]))
 
 
 def test_iteration_prompts_cover_every_prompt_once_per_epoch():
@@ -201,7 +220,7 @@ def test_adapters_switch_without_leaking_weights(artifacts):
         values_before = roles.values(ids, mask, length)
     torch.testing.assert_close(policy_before * rollout.response_mask, rollout.ref_logprobs)  # policy starts = SFT
 
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-2)
+    optimizer = build_optimizer(roles, cfg.ppo)
     ppo_update(roles, optimizer, rollout, cfg.ppo, 4, torch.Generator().manual_seed(0))  # one step, nothing clipped
     # After that backward both trainable adapters and the value head hold gradients; frozen roles none.
     for name, param in trainable.items():
@@ -264,6 +283,22 @@ def test_policy_loss_decreases_on_a_fixed_batch(micro_roles):
     losses = [ppo_update(roles, optimizer, rollout, ppo, 4, torch.Generator())[0]["policy_loss"] for _ in range(4)]
     assert losses[-1] < losses[0] - 1e-3, losses
     assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:], strict=False)), losses
+
+
+def test_critic_warm_up_trains_the_value_alone(micro_roles):
+    cfg, roles, _, rollout = micro_roles
+    optimizer = build_optimizer(roles, dataclasses.replace(cfg.ppo, learning_rate=1e-2))
+    policy = roles.named_policy_parameters()
+    value = {n: p for n, p in roles.named_trainable().items() if n not in policy}
+    assert policy and value and "value_head.linear.weight" in value
+    before = {n: p.detach().clone() for n, p in roles.named_trainable().items()}
+    history = ppo_update(roles, optimizer, rollout, cfg.ppo, 2, torch.Generator().manual_seed(0), update_policy=False)
+    assert len(history) == 2 and all(h["grad_norm"] != h["grad_norm"] for h in history)  # NaN: no policy gradient
+    assert all(torch.equal(p, before[n]) for n, p in policy.items())
+    assert all(p not in optimizer.state for p in policy.values())  # no Adam moments for a step never taken
+    assert any(not torch.equal(p, before[n]) for n, p in value.items())
+    ppo_update(roles, optimizer, rollout, cfg.ppo, 2, torch.Generator().manual_seed(0))  # then both learn
+    assert any(not torch.equal(p, before[n]) for n, p in policy.items())
 
 
 def test_micro_batches_add_up_to_the_minibatch_gradient(micro_roles):
@@ -473,7 +508,7 @@ def test_two_process_ranks_stay_in_sync(artifacts, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "sync.json").read_text())
     assert record["world_size"] == 2 and record["ranks"] == [0, 1]
-    assert record["advantage_sums"][0] != record["advantage_sums"][1]  # the ranks saw different episodes...
+    assert record["return_sums"][0] != record["return_sums"][1]  # the ranks saw different episodes...
     first, second = record["checksums"]
     assert first == second  # ...yet hold identical weights after the DDP step
     assert first != record["initial_checksum"]
