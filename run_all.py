@@ -42,7 +42,7 @@ ROUGH_MINUTES = {
     "micro": {"data": 1, "sft": 0.5, "reward": 1, "ppo": 1, "analysis": 2},
     # tiny, measured 2026-12-01 (results/tiny/RUN.md): data 0.4, SFT 9.6, RM 30.2, PPO + PPO-ptx ~40 on a quiet
     # machine, analysis 12.7.
-    "tiny": {"data": 1, "sft": 10, "reward": 30, "ppo": 40, "analysis": 13},
+    "tiny": {"data": 1, "sft": 10, "reward": 30, "ppo": 55, "analysis": 13},
     "small": {"data": 1, "sft": 10, "reward": 20, "ppo": 25, "analysis": 25},
 }
 
