@@ -1220,3 +1220,26 @@ def score_trend(samples: pd.DataFrame, column: str = "rm_score", n_resamples: in
     per_prompt = pd.DataFrame({"prompt": frame["prompt"], "xy": x * y, "xx": x * x}).groupby("prompt")[["xy", "xx"]].sum()
     per_prompt = per_prompt[per_prompt["xx"] > 0]  # prompts seen in one iteration only carry no slope
     return summarize(np.asarray(per_prompt, dtype=float), "ratio_of_sums", n_resamples=n_resamples, seed=seed)
+
+
+def response_diversity(samples: pd.DataFrame) -> pd.DataFrame:
+    """Per iteration: how many different responses the policy gave, and its most common one.
+
+    A rising RM score means better answers only while the answers stay varied. A policy that answers
+    most prompts with one string (say "No") has found what the reward model over-scores: reward hacking
+    (over-optimisation), which the RM score alone cannot show. `samples` is a run's samples.jsonl as a
+    DataFrame; responses are compared after stripping whitespace. Returns one row per iteration with
+    `episodes`, `distinct_share` (distinct responses / episodes), `top_response` and `top_share` (its
+    share of the episodes).
+    """
+    import pandas as pd
+
+    rows = []
+    for iteration, group in samples.groupby("iteration", sort=True):
+        responses = group["response"].fillna("").astype(str).str.strip()
+        counts = responses.value_counts()
+        rows.append({
+            "iteration": int(iteration), "episodes": len(responses), "distinct_share": counts.size / len(responses),
+            "top_response": counts.index[0], "top_share": counts.iloc[0] / len(responses),
+        })
+    return pd.DataFrame(rows).set_index("iteration")

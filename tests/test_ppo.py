@@ -581,6 +581,23 @@ def test_score_trend_compares_each_prompt_with_itself():
     assert score_trend(once).n == 0  # no prompt seen twice: nothing to compare
 
 
+def test_response_diversity_finds_one_answer_taking_over():
+    """Varied answers give distinct share 1; a policy that says "No" to 3 of 4 prompts is caught, whitespace aside."""
+    import pandas as pd
+
+    from rlhf_lib.ppo import response_diversity
+
+    samples = pd.DataFrame({
+        "iteration": [1, 1, 1, 1, 2, 2, 2, 2],
+        "response": ["A river.", "Two cats", "Yes, because ...", "no", "No", " No", "No\n", "Sure"],
+    })
+    table = response_diversity(samples)
+    assert list(table.index) == [1, 2]
+    assert table.loc[1, "distinct_share"] == 1.0 and table.loc[1, "top_share"] == 0.25
+    assert table.loc[2, "top_response"] == "No" and table.loc[2, "top_share"] == 0.75
+    assert table.loc[2, "distinct_share"] == 0.5 and table.loc[2, "episodes"] == 4
+
+
 def test_value_starts_as_the_normalised_rm(artifacts):
     """V on a full sequence equals the RM score PPO is paid, bias (0.25 here) included: an offset would
     become a negative advantage on every response's last tokens, whatever the reward."""
