@@ -40,9 +40,9 @@ DISTRIBUTED_STAGES = ("sft", "ppo")  # rlhf_lib.stages.DISTRIBUTED_STAGES, witho
 # Rough minutes per stage on a 2-core CPU, used only for the plan's estimate until a run has been timed.
 ROUGH_MINUTES = {
     "micro": {"data": 1, "sft": 0.5, "reward": 1, "ppo": 1, "analysis": 2},
-    # tiny, measured 2026-12-01 (results/tiny/RUN.md): data 0.4, SFT 9.6, RM 30.2, PPO + PPO-ptx ~40 on a quiet
-    # machine, analysis 12.7.
-    "tiny": {"data": 1, "sft": 10, "reward": 30, "ppo": 55, "analysis": 13},
+    # tiny, measured 2026-12-01 (results/tiny/RUN.md): data 0.8, SFT 4.9-9.6, RM 12.1-30.2 (the shared machine's
+    # speed varies from hour to hour), PPO + PPO-ptx 56.6 (40 iterations each), analysis 5.9-12.7.
+    "tiny": {"data": 1, "sft": 10, "reward": 30, "ppo": 57, "analysis": 13},
     "small": {"data": 1, "sft": 10, "reward": 20, "ppo": 25, "analysis": 25},
 }
 
