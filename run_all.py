@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Total: {total / 60:.1f} min. Finished {datetime.now(UTC).isoformat(timespec='seconds')}.")
     print(f"Rendered results: {Path(args.output).resolve()} (each size's run_record.json says what made them)")
     sizes = list(dict.fromkeys(x["size"] for x in steps))
+    write_findings_files(args, sizes)
     if len(sizes) > 1:
         write_cross_size(args, sizes)
     from rlhf_lib.report import write_summary
@@ -302,6 +303,24 @@ def main(argv: list[str] | None = None) -> int:
     written = write_summary(Path(args.output), sizes)
     print(f"Summary table: {written}")
     return 0
+
+
+def write_findings_files(args: argparse.Namespace, sizes: list[str]) -> None:
+    """results/<size>/findings.json (rlhf_lib.findings) for every size whose analysis was in this run's plan.
+
+    Notebook 05 writes it too; this also covers a notebook skipped as current but rendered before findings
+    existed, so SUMMARY.md always renders from an up-to-date findings record.
+    """
+    if "analysis" not in selected_stages(args):
+        return
+    from rlhf_lib.findings import write_findings
+
+    for size in sizes:
+        results = Path(args.output) / size
+        if not (results / "metrics.json").exists():
+            continue
+        _, paths = study_for(args, size)
+        print(f"Findings: {write_findings(results, reward_dir=paths.stage('reward') if paths.is_done('reward') else None)}")
 
 
 def write_cross_size(args: argparse.Namespace, sizes: list[str]) -> None:

@@ -6,7 +6,7 @@ tidy tables for `rlhf_lib.plots` (figures) and `rlhf_lib.report` (SUMMARY.md)::
     from rlhf_lib.analysis import run_analysis_stage, load_tables, export_results
     stage_dir = run_analysis_stage(cfg, paths)          # cached per config fingerprint
     tables = load_tables(stage_dir)                     # {"win_rate": DataFrame, ...}
-    export_results(stage_dir, results_dir)              # CSV / JSON copies for results/<size>/
+    export_results(stage_dir, results_dir, reward_dir)  # CSV / JSON copies and findings.json for results/<size>/
 
 Methods (rlhf_lib.evaluation.METHODS), each skipped with a note when its upstream artifacts are missing:
 
@@ -32,7 +32,8 @@ Metrics, each a CSV in the stage directory (tidy: method, size, metric, value, c
 - overoptimization.csv: per PPO iteration, RM score vs held-out-labeler utility of the same logged
   samples vs sqrt(KL); rm_accuracy.csv: RM accuracy by comparison set, from the reward stage.
 
-`metrics.json` holds the headline numbers per method (with intervals) and the run's provenance.
+`metrics.json` holds the headline numbers per method (with intervals) and the run's provenance;
+`export_results` also writes results/<size>/findings.json, the machine-readable findings (rlhf_lib.findings).
 """
 
 from __future__ import annotations
@@ -705,8 +706,16 @@ def load_metrics(stage_dir: Path | str) -> dict[str, Any]:
     return json.loads((Path(stage_dir) / "metrics.json").read_text())
 
 
-def export_results(stage_dir: Path | str, results_dir: Path | str) -> list[Path]:
-    """Copy the stage's tables and metrics.json into results_dir (the rendered, shareable results)."""
+def export_results(stage_dir: Path | str, results_dir: Path | str, reward_dir: Path | str | None = None) -> list[Path]:
+    """Copy the stage's tables and metrics.json into results_dir (the rendered, shareable results), then
+    write results_dir/findings.json from those copies (rlhf_lib.findings).
+
+    `reward_dir` (a finished reward stage) supplies the RM predictions and the stage's time; without it
+    the findings fall back to results_dir's rm_predictions.csv and run_record.json, and list as missing
+    whatever neither has.
+    """
+    from rlhf_lib.findings import write_findings
+
     stage_dir, results_dir = Path(stage_dir), Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -715,6 +724,7 @@ def export_results(stage_dir: Path | str, results_dir: Path | str) -> list[Path]
             target = results_dir / ("analysis_" + path.name if path.suffix == ".csv" else path.name)
             shutil.copy2(path, target)
             copied.append(target)
+    copied.append(write_findings(results_dir, reward_dir=reward_dir))
     return copied
 
 

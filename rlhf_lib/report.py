@@ -1,7 +1,8 @@
 """results/SUMMARY.md: the headline numbers of every size, beside the paper's, with how they were made.
 
 Reads `<results_dir>/<size>/metrics.json`, which notebook 05 copies there from the analysis stage
-(`rlhf_lib.analysis.export_results`); run_all.py calls `write_summary` after the last notebook::
+(`rlhf_lib.analysis.export_results`), and renders each size's `findings.json` (rlhf_lib.findings) with n
+beside every number; run_all.py calls `write_summary` after the last notebook::
 
     from rlhf_lib.report import headline_table, paper_comparison, write_summary
     path = write_summary(Path("results"), ["micro", "tiny"])       # results/SUMMARY.md
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from rlhf_lib import paper
 
 # (key in metrics.json "methods", column label, percent?)
 HEADLINE_COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -193,25 +196,35 @@ def _verdicts(metrics: Mapping[str, Any]) -> list[str]:
         versus_method(ours("truthfulqa_true_informative"), gpt("truthfulqa_true_informative"), paper_lower=False),
         versus_method(ours("toxic_rate_respectful"), gpt("toxic_rate_respectful"), paper_lower=True),
         tax,
-        versus_value(rm.get("train_labelers"), 0.724),
-        versus_value(rm.get("heldout_labelers"), 0.696),
-        versus_value(agreement.get("train-train"), 0.726),
-        versus_value(agreement.get("heldout-heldout"), 0.773),
+        # RM accuracy: an effect is accuracy above chance (50%), the design's verdict rule; containing the
+        # paper's 72.4% is not required (a 135M RM on a few hundred comparisons is not expected to match it).
+        versus_chance(_with_interval(rm.get("train_labelers"))),
+        versus_chance(_with_interval(rm.get("heldout_labelers"))),
+        # The labelers' noise is calibrated to the paper's training-labeler agreement: fixed by design.
+        "fixed by design (noise calibrated to it)" if _with_interval(agreement.get("train-train")) else "n/a",
+        versus_value(agreement.get("heldout-heldout"), paper.AGREEMENT_HELDOUT.value / 100),
     ]
 
 
-# The paper's numbers (PAPER_FACTS.md, "Results", "Reward model", "Data"), in the order _ours computes them.
+def _squad_text() -> str:
+    f1 = {m: c.value for m, c in paper.SQUAD_F1.items()}
+    recovered = (f1["PPO-ptx"] - f1["PPO"]) / (f1["GPT"] - f1["PPO"])
+    return f"{f1['GPT']:.2f} / {f1['PPO']:.2f} / {f1['PPO-ptx']:.2f} (PPO-ptx recovers {recovered:.0%}; SQuADv2, 175B)"
+
+
+# The paper's numbers (rlhf_lib.paper, the one place they are typed), in the order _ours computes them.
 PAPER_ROWS: tuple[tuple[str, str], ...] = (
-    ("InstructGPT preferred to GPT-3 (held-out labelers)", "85 ± 3% (175B vs 175B)"),
-    ("InstructGPT preferred to few-shot GPT-3", "71 ± 4% (175B)"),
-    ("Closed-domain hallucination, InstructGPT vs GPT-3", "21% vs 41%"),
-    ("TruthfulQA true & informative, InstructGPT vs GPT-3", "about 2x"),
-    ("Toxic outputs with the respectful instruction, InstructGPT vs GPT-3", "about 25% fewer"),
-    ("Few-shot SQuAD F1: GPT / PPO / PPO-ptx", "69.75 / 51.95 / 69.93 (PPO-ptx recovers 101%; SQuADv2, 175B)"),
-    ("RM accuracy, training labelers' comparisons", "72.4 ± 0.4% (6B RM)"),
-    ("RM accuracy, held-out labelers' comparisons", "69.6 ± 0.9% (6B RM)"),
-    ("Inter-labeler agreement, training labelers", "72.6 ± 1.5%"),
-    ("Inter-labeler agreement, held-out labelers", "77.3 ± 1.3%"),
+    ("InstructGPT preferred to GPT-3 (held-out labelers)", paper.WIN_VS_GPT.text),
+    ("InstructGPT preferred to few-shot GPT-3", paper.WIN_VS_GPT_PROMPTED.text),
+    ("Closed-domain hallucination, InstructGPT vs GPT-3",
+     f"{paper.HALLUCINATION_INSTRUCT.value:g}% vs {paper.HALLUCINATION_GPT.value:g}%"),
+    ("TruthfulQA true & informative, InstructGPT vs GPT-3", paper.TRUTHFULQA_RATIO.text),
+    ("Toxic outputs with the respectful instruction, InstructGPT vs GPT-3", paper.TOXICITY_REDUCTION.text),
+    ("Few-shot SQuAD F1: GPT / PPO / PPO-ptx", _squad_text()),
+    ("RM accuracy, training labelers' comparisons", paper.RM_ACCURACY_TRAIN.text),
+    ("RM accuracy, held-out labelers' comparisons", paper.RM_ACCURACY_HELDOUT.text),
+    ("Inter-labeler agreement, training labelers", paper.AGREEMENT_TRAIN.text),
+    ("Inter-labeler agreement, held-out labelers", paper.AGREEMENT_HELDOUT.text),
 )
 
 
@@ -254,6 +267,30 @@ def _default_command(sizes: Sequence[str]) -> str:
     if sys.argv and Path(sys.argv[0]).name == "run_all.py":
         return " ".join(["python", "run_all.py", *sys.argv[1:]])
     return f"python run_all.py --sizes {','.join(sizes)}"
+
+
+def findings_section(results_dir: Path, size: str) -> list[str]:
+    """SUMMARY.md lines for one size's findings.json: every finding with its interval and n, the paper's
+    number and the verdict, then what is missing and why (empty when the size has no findings.json)."""
+    from rlhf_lib.findings import findings_table, load_findings
+
+    title = ["", f"## {size}: findings (`{size}/findings.json`)", ""]
+    try:
+        record = load_findings(Path(results_dir) / size)
+    except ValueError as err:  # say so in the summary rather than render numbers that break the rules
+        return [*title, f"`{size}/findings.json` is invalid and is not rendered: {err}"]
+    if record is None:
+        return []
+    lines = [*title, "n counts the independent units each interval resampled: eval prompts for win rates and shares "
+             "of answers, RM prompts (each with all its pairs) for RM accuracy. Verdicts: \"agrees\" only when the 95% "
+             "interval lies on the paper's side of no effect (50%), \"disagrees\" on the other side, else "
+             "\"inconclusive\".", ""]
+    table = findings_table(record)
+    if not table.empty:
+        lines.append(_markdown(table))
+    for name, reason in record.get("about", {}).get("missing_reasons", {}).items():
+        lines.append(f"- missing {name}: {reason}")
+    return lines
 
 
 def load_size_metrics(results_dir: Path, size: str) -> dict[str, Any] | None:
@@ -312,6 +349,8 @@ def write_summary(results_dir: Path, sizes: list[str], command: str | None = Non
         lines.append(f"| {size} | no results (`{results_dir / size / 'metrics.json'}` missing) | | | | |")
     if found:
         lines += ["", "## The paper's findings beside ours", "", _markdown(paper_comparison(found))]
+    for size in found:
+        lines += findings_section(results_dir, size)
     for size, m in found.items():
         counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in m.get("counts", {}).items())
         lines += ["", f"## {size}: headline numbers per method", "", f"Counts: {counts}.", "", _markdown(headline_table(m))]

@@ -212,7 +212,9 @@ def test_stage_writes_generations_and_metrics_for_every_available_method(analyse
     oo = tables["overoptimization"]
     assert list(oo["step"]) == [1, 2] and set(oo["method"]) == {"PPO"} and list(oo["n"]) == [3, 3]
     assert oo["sqrt_kl"].tolist() == pytest.approx([0.5**0.5, 1.0])
-    assert metrics["rm_accuracy"]["train_labelers"]["value"] == 1.0 and metrics["rm_accuracy"]["hhh"]["n"] == 2
+    # n counts prompts (resampled whole with their pairs): the fake predictions put both HHH pairs on prompt "p".
+    assert metrics["rm_accuracy"]["train_labelers"]["value"] == 1.0 and metrics["rm_accuracy"]["hhh"]["n"] == 1
+    assert tables["rm_accuracy"].set_index(["mode", "set"]).loc[("kwise", "hhh"), "n_pairs"] == 2
     assert metrics["labeler_agreement"]["train-train"]["value"] == 0.7
     assert metrics["judges"]["noise_scale"] == 0.05  # the reward stage's calibrated noise
     assert (stage_dir / "dpo" / "policy" / "adapter_model.safetensors").exists()
@@ -375,7 +377,8 @@ def test_write_summary_puts_our_numbers_beside_the_papers(tmp_path):
     # Whether each finding points the paper's way, decided by intervals.
     assert "| 85.0 [80.0, 90.0] (PPO-ptx vs GPT) | agrees |" in text
     assert "21.0% vs 41.0% (PPO-ptx vs GPT) | unclear: intervals overlap |" in text  # [10, 30] touches [30, 50]
-    assert "| 72.4 ± 0.4% (6B RM) | 70.0 [65.0, 75.0] | agrees |" in text
+    assert "| 72.4 ± 0.4% (6B RM) | 70.0 [65.0, 75.0] | agrees |" in text  # above chance (50%), the design's rule
+    assert "| 72.6 ± 1.5% | 73.1 [70.0, 76.0] | fixed by design (noise calibrated to it) |" in text
 
 
 def test_verdicts_need_intervals_on_one_side():
@@ -411,6 +414,9 @@ def test_notebook_renders_every_section_on_the_cached_stage(analysed, tmp_path):
                    "fig_overoptimization", "fig_rm_generalization", "fig_hallucination"):
         assert (results / f"{figure}.png").exists() and (results / f"{figure}.csv").exists(), figure
     assert (results / "metrics.json").exists() and (results / "analysis_generations.csv").exists()
+    from rlhf_lib.findings import load_findings
+
+    assert load_findings(results)["win_rate_ppo_vs_sft"]["n"] >= 1  # the notebook wrote a valid findings.json
 
 
 def test_finding_line_names_paper_ours_and_verdict():
@@ -427,7 +433,15 @@ def test_headline_numbers_recompute_from_the_shared_files(analysed, tmp_path):
     from rlhf_lib.analysis import recheck_from_saved
 
     cfg, paths, data, stage_dir = analysed
-    export_results(stage_dir, tmp_path)
+    export_results(stage_dir, tmp_path, paths.stage("reward"))
+    # The findings record comes with the export; PPO-ptx was not run, so its win rate is missing, not invented.
+    from rlhf_lib.findings import load_findings
+
+    findings = load_findings(tmp_path)
+    assert "win_rate_ppo_ptx_vs_sft" in findings["missing"] and "win_rate_ppo_ptx_vs_sft" not in findings
+    assert {"win_rate_ppo_vs_sft", "win_rate_best_of_n_vs_sft", "rm_accuracy_train", "reward_stage_minutes"} <= set(findings)
+    assert findings["win_rate_ppo_vs_sft"]["n"] == len(data.split("eval"))
+    assert findings["rm_accuracy_train"]["n"] == 1  # the fake predictions put every pair on one prompt
     table = recheck_from_saved(cfg, paths, tmp_path)
     assert set(table["metric"]) == {"win_rate_vs_SFT", "truthfulqa_mc1", "truthfulqa_true_informative"}
     assert {"GPT", "SFT", "PPO", "DPO"} <= set(table["method"])

@@ -1,0 +1,81 @@
+"""Every number of the paper this study compares against, with where the paper gives it.
+
+InstructGPT: Ouyang et al. (2022), "Training language models to follow instructions with human
+feedback", arXiv 2203.02155. Used by `rlhf_lib.findings` (findings.json's "paper" and verdicts) and
+`rlhf_lib.report` (SUMMARY.md), so a number is typed once::
+
+    from rlhf_lib import paper
+    paper.RM_ACCURACY_TRAIN.value        # 72.4 (percent)
+    paper.CLAIMS["rm_accuracy_heldout"]  # PaperClaim(...)
+
+`value` is in the claim's `unit`; `no_effect` is the value at which the effect the paper reports would
+vanish (50% for accuracies and win rates: chance / a tie) and `side` says on which side of it the paper's
+number lies. A claim the paper makes only as a direction (a figure, no number in the text) has
+`value=None`; its verdict is still decided by the side of no effect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+PAPER = "Ouyang et al. (2022), Training language models to follow instructions with human feedback, arXiv 2203.02155"
+
+
+@dataclass(frozen=True)
+class PaperClaim:
+    """One number (or direction) of the paper, with its unit, where it is given and what 'no effect' is."""
+
+    value: float | None  # in `unit`; None when the paper gives a direction only
+    unit: str
+    where: str  # table / figure / section of the paper
+    text: str  # how the paper states it, for tables
+    no_effect: float | None = None  # the value at which the paper's effect would vanish
+    side: Literal["above", "below"] | None = None  # the paper's value relative to no_effect
+    plus_minus: float | None = None
+
+
+RM_ACCURACY_TRAIN = PaperClaim(
+    72.4, "percent", "appendix C.2 / section 4", "72.4 ± 0.4% (6B RM)", no_effect=50.0, side="above",
+    plus_minus=0.4,
+)
+RM_ACCURACY_HELDOUT = PaperClaim(
+    69.6, "percent", "appendix C.2 / section 4", "69.6 ± 0.9% (6B RM)", no_effect=50.0, side="above",
+    plus_minus=0.9,
+)
+AGREEMENT_TRAIN = PaperClaim(72.6, "percent", "section 3.4 (inter-labeler agreement)", "72.6 ± 1.5%", plus_minus=1.5)
+AGREEMENT_HELDOUT = PaperClaim(77.3, "percent", "section 3.4 (inter-labeler agreement)", "77.3 ± 1.3%", plus_minus=1.3)
+WIN_VS_GPT = PaperClaim(
+    85.0, "percent", "section 4.1 / Figure 1 (175B InstructGPT vs 175B GPT-3)", "85 ± 3% (175B vs 175B)",
+    no_effect=50.0, side="above", plus_minus=3.0,
+)
+WIN_VS_GPT_PROMPTED = PaperClaim(
+    71.0, "percent", "section 4.1 / Figure 1 (175B InstructGPT vs few-shot 175B GPT-3)", "71 ± 4% (175B)",
+    no_effect=50.0, side="above", plus_minus=4.0,
+)
+# Figure 1 plots PPO and PPO-ptx above the 175B SFT baseline at every size; the text gives no number.
+WIN_PPO_VS_SFT = PaperClaim(
+    None, "percent", "Figure 1 (direction only: PPO above SFT at every size)", "above 50% (Figure 1, no number in the text)",
+    no_effect=50.0, side="above",
+)
+WIN_PPO_PTX_VS_SFT = PaperClaim(
+    None, "percent", "Figure 1 (direction only: PPO-ptx above SFT at every size)",
+    "above 50% (Figure 1, no number in the text)", no_effect=50.0, side="above",
+)
+HALLUCINATION_INSTRUCT = PaperClaim(21.0, "percent", "section 4.2 / Figure 4 (closed-domain)", "21% (InstructGPT)")
+HALLUCINATION_GPT = PaperClaim(41.0, "percent", "section 4.2 / Figure 4 (closed-domain)", "41% (GPT-3)")
+TRUTHFULQA_RATIO = PaperClaim(2.0, "ratio", "section 4.2 / Figure 6", "about 2x")
+TOXICITY_REDUCTION = PaperClaim(25.0, "percent", "section 4.2 / Figure 7 (respectful instruction)", "about 25% fewer")
+SQUAD_F1 = {  # Table 14, 175B, few-shot SQuADv2 F1
+    "GPT": PaperClaim(69.75, "F1", "Table 14 (175B, few-shot SQuADv2)", "69.75"),
+    "PPO": PaperClaim(51.95, "F1", "Table 14 (175B, few-shot SQuADv2)", "51.95"),
+    "PPO-ptx": PaperClaim(69.93, "F1", "Table 14 (175B, few-shot SQuADv2)", "69.93"),
+}
+
+# findings.json metric name -> the paper's claim about it (metrics without one have no entry).
+CLAIMS: dict[str, PaperClaim] = {
+    "rm_accuracy_train": RM_ACCURACY_TRAIN,
+    "rm_accuracy_heldout": RM_ACCURACY_HELDOUT,
+    "win_rate_ppo_vs_sft": WIN_PPO_VS_SFT,
+    "win_rate_ppo_ptx_vs_sft": WIN_PPO_PTX_VS_SFT,
+}

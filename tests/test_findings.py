@@ -1,0 +1,357 @@
+"""findings.json: honest intervals (prompts resampled, Wilson for proportions), verdicts, the validator, the writer."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rlhf_lib import paper
+from rlhf_lib.evaluation import generalization
+from rlhf_lib.evaluation.stats import cluster_ratio, clustered_accuracy, proportion, verdict, wilson_interval
+from rlhf_lib.findings import (
+    FINDINGS_FILE,
+    SPECS,
+    build_findings,
+    findings_table,
+    load_findings,
+    validate_findings,
+    write_findings,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+Z2 = 1.959963984540054**2  # z^2 of a 95% interval
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def test_wilson_matches_hand_computed_values_and_never_has_zero_width():
+    # At 0/n the Wilson interval is [0, z^2 / (n + z^2)]; at n/n it is [n / (n + z^2), 1].
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(Z2 / (10 + Z2)) and high == pytest.approx(0.27753, abs=1e-5)
+    low, high = wilson_interval(10, 10)
+    assert high == 1.0 and low == pytest.approx(10 / (10 + Z2)) and low == pytest.approx(0.72247, abs=1e-5)
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)  # the textbook 5/10 example
+    one = proportion(1, 1)
+    assert one.value == 1.0 and one.ci_high == 1.0 and one.ci_low == pytest.approx(1 / (1 + Z2)) and one.n == 1
+    with pytest.raises(ValueError):
+        wilson_interval(3, 0)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def _clustered_predictions(prompts: int = 10, pairs: int = 20, correct_prompts: int = 6) -> pd.DataFrame:
+    """Pairs that are clustered by prompt: every pair of a prompt is right, or every pair is wrong."""
+    rows = []
+    for p in range(prompts):
+        right = p < correct_prompts
+        for _ in range(pairs):
+            rows.append({"set": "heldout_labelers", "prompt_id": f"p{p}", "score_chosen": 1.0 if right else 0.0,
+                         "score_rejected": 0.0 if right else 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_rm_accuracy_interval_resamples_prompts_and_is_wider_than_a_pair_level_one():
+    preds = _clustered_predictions()
+    pair_level = generalization.pairwise_accuracy(preds["score_chosen"], preds["score_rejected"], n_resamples=2000)
+    prompt_level = generalization.pairwise_accuracy(preds["score_chosen"], preds["score_rejected"], n_resamples=2000,
+                                                    prompt_ids=preds["prompt_id"])
+    assert pair_level.value == prompt_level.value == pytest.approx(0.6)
+    assert pair_level.n == 200 and prompt_level.n == 10
+    pair_width, prompt_width = pair_level.ci_high - pair_level.ci_low, prompt_level.ci_high - prompt_level.ci_low
+    # 10 independent prompts know far less than 200 independent pairs would: about sqrt(20) times wider.
+    assert prompt_width > 2.5 * pair_width, (pair_width, prompt_width)
+    assert prompt_level.ci_low < 0.5 < prompt_level.ci_high  # chance is not excluded by 6 of 10 prompts
+    table = generalization.rm_accuracy_table(preds, n_resamples=500)
+    assert table["n"].tolist() == [10] and table["n_pairs"].tolist() == [200]
+    assert table["ci_high"].iloc[0] - table["ci_low"].iloc[0] > 2.5 * pair_width
+    # Without prompt ids there is nothing to cluster: pairs are the unit, as for HHH's one-pair prompts.
+    assert generalization.rm_accuracy_table(preds.drop(columns="prompt_id"), n_resamples=100)["n"].tolist() == [200]
+
+
+def test_cluster_ratio_pools_and_is_seeded():
+    result = cluster_ratio([3, 0, 2], [3, 2, 5], n_resamples=300, seed=1)
+    assert result.value == pytest.approx(5 / 10) and result.n == 3 and result.ci_low < 0.5 < result.ci_high
+    assert cluster_ratio([3, 0, 2], [3, 2, 5], n_resamples=300, seed=1) == result
+    grouped = clustered_accuracy([1, 1, 1, 0, 0], ["a", "a", "a", "b", "b"], n_resamples=200)
+    assert grouped.value == pytest.approx(0.6) and grouped.n == 2
+
+
+@pytest.mark.parametrize(("low", "high", "side", "expected"), [
+    (55.0, 70.0, "above", "agrees"),          # wholly on the paper's side of no effect
+    (30.0, 45.0, "above", "disagrees"),       # wholly on the other side
+    (45.0, 70.0, "above", "inconclusive"),    # covers no effect
+    (50.0, 70.0, "above", "inconclusive"),    # touching no effect decides nothing
+    (30.0, 45.0, "below", "agrees"),
+    (55.0, 70.0, "below", "disagrees"),
+    (40.0, 60.0, "below", "inconclusive"),
+])
+def test_verdict_branches(low, high, side, expected):
+    assert verdict(low, high, no_effect=50.0, side=side) == expected
+
+
+def test_too_few_resampled_units_decide_nothing():
+    # A bootstrap over 2 prompts gave [55, 58] at micro: narrow because it can see only 3 resamples, not because it is sure.
+    assert verdict(55.0, 58.0, no_effect=50.0, side="above", n=2) == "inconclusive"
+    assert verdict(55.0, 58.0, no_effect=50.0, side="above", n=40) == "agrees"
+    assert verdict(40.0, 45.0, no_effect=50.0, side="above", n=9) == "inconclusive"
+
+
+def test_rm_accuracy_no_effect_is_chance_even_far_below_the_papers_number():
+    # 55-60% is well below the paper's 72.4% but above chance: the effect (an RM better than chance) agrees.
+    assert paper.RM_ACCURACY_TRAIN.no_effect == 50.0 and paper.RM_ACCURACY_TRAIN.value == 72.4
+    assert paper.RM_ACCURACY_HELDOUT.value == 69.6
+    assert verdict(55.0, 60.0, paper.RM_ACCURACY_TRAIN.no_effect, paper.RM_ACCURACY_TRAIN.side) == "agrees"
+
+
+# --------------------------------------------------------------------------------------------
+# The record, from toy results
+# --------------------------------------------------------------------------------------------
+
+N_PROMPTS = 20
+
+
+def _toy_results(folder: Path, ppo: bool = True, win_degenerate: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps({"preset": "tiny", "seed": 0, "fingerprint": "f00",
+                                                     "counts": {"best_of_n": 16, "eval_prompts": N_PROMPTS}}))
+    methods = {"best-of-n": (0.6, 0.52, 0.68), "PPO": (0.125, 0.05, 0.2), "PPO-ptx": (0.55, 0.4, 0.7),
+               "SFT": (0.5, 0.5, 0.5)}
+    if not ppo:
+        methods = {m: v for m, v in methods.items() if not m.startswith("PPO")}
+    if win_degenerate:
+        methods["best-of-n"] = (0.5, 0.5, 0.5)  # every prompt tied: the bootstrap collapses
+    rows = [{"method": m, "size": "tiny", "metric": "win_rate", "higher_is_better": True, "value": v, "ci_low": lo,
+             "ci_high": hi, "n": N_PROMPTS, "baseline": "SFT@tiny", "baseline_method": "SFT"}
+            for m, (v, lo, hi) in methods.items()]
+    # Rows against another baseline must not be taken for win rates vs SFT.
+    rows += [{**r, "value": 0.99, "ci_low": 0.98, "ci_high": 1.0, "baseline": "GPT@tiny", "baseline_method": "GPT"}
+             for r in rows]
+    pd.DataFrame(rows).to_csv(folder / "analysis_win_rate.csv", index=False)
+    gens = [{"method": "SFT", "size": "tiny", "prompt_id": f"e{i}", "prompt": f"q{i}",
+             "completion": " ".join(["word"] * 10)} for i in range(N_PROMPTS)]
+    if ppo:  # a collapsed policy: 18 of 20 prompts get "No", two get something else
+        gens += [{"method": "PPO", "size": "tiny", "prompt_id": f"e{i}", "prompt": f"q{i}",
+                  "completion": "No" if i < 18 else f"Answer number {i}"} for i in range(N_PROMPTS)]
+    pd.DataFrame(gens).to_csv(folder / "analysis_generations.csv", index=False)
+    preds = []
+    for long_name, accuracy_prompts in (("held-out prompts / training labelers", 7), ("held-out prompts / held-out labelers", 6)):
+        for mode in ("kwise", "pairwise"):
+            for p in range(8):
+                right = p < accuracy_prompts if mode == "kwise" else False  # pairwise: all wrong, must be ignored
+                for _ in range(6):
+                    preds.append({"set": long_name, "prompt_id": f"r{p}", "labeler_id": f"l{p % 3}", "mode": mode,
+                                  "score_chosen": 1.0 if right else 0.0, "score_rejected": 0.0 if right else 1.0})
+    pd.DataFrame(preds).to_csv(folder / "rm_predictions.csv", index=False)
+    (folder / "run_record.json").write_text(json.dumps({"stages": {"reward": {"stage_seconds": 1200.0}}}))
+    return folder
+
+
+def test_written_findings_validate_and_hold_the_right_numbers(tmp_path):
+    results = _toy_results(tmp_path / "results")
+    reward = tmp_path / "reward"
+    reward.mkdir()
+    (reward / "DONE.json").write_text(json.dumps({"seconds": 600.0}))
+    path = write_findings(results, reward_dir=reward, n_resamples=500)
+    assert path == results / FINDINGS_FILE
+    record = json.loads(path.read_text())
+    validate_findings(record)
+    assert record["missing"] == [] and list(k for k in record if k in SPECS) == list(SPECS)
+
+    ppo = record["win_rate_ppo_vs_sft"]
+    assert (ppo["value"], ppo["low"], ppo["high"], ppo["n"]) == pytest.approx((12.5, 5.0, 20.0, N_PROMPTS))
+    assert ppo["paper"] is None and ppo["paper_side"] == "above" and ppo["verdict"] == "disagrees"
+    assert record["win_rate_ppo_ptx_vs_sft"]["verdict"] == "inconclusive"
+    best = record["win_rate_best_of_n_vs_sft"]
+    assert best["value"] == pytest.approx(60.0) and best["best_of"] == 16 and "verdict" not in best
+
+    rm_train, rm_heldout = record["rm_accuracy_train"], record["rm_accuracy_heldout"]
+    assert rm_train["value"] == pytest.approx(100 * 7 / 8) and rm_train["n"] == 8 and rm_train["n_pairs"] == 48
+    assert rm_heldout["value"] == pytest.approx(100 * 6 / 8) and rm_heldout["paper"] == 69.6
+    assert rm_train["paper"] == 72.4 and rm_train["verdict"] == verdict(rm_train["low"], rm_train["high"], 50.0, "above", n=rm_train["n"])
+
+    distinct, top = record["ppo_distinct_fraction"], record["ppo_top_answer_fraction"]
+    assert distinct["value"] == pytest.approx(100 * 3 / N_PROMPTS) and distinct["n"] == N_PROMPTS
+    assert top["value"] == pytest.approx(90.0) and top["top_answer"] == "No"
+    assert (top["low"], top["high"]) == pytest.approx(tuple(100 * x for x in wilson_interval(18, N_PROMPTS)))
+    length = record["ppo_length_ratio"]
+    assert length["value"] == pytest.approx((18 * 1 + 2 * 3) / (N_PROMPTS * 10)) and "words" in length["unit"]
+    assert length["low"] < length["value"] < length["high"]
+    minutes = record["reward_stage_minutes"]
+    assert minutes["value"] == 10.0 and minutes["low"] is None and minutes["no_interval_reason"]  # DONE.json first
+
+    # Without the reward stage, run_record.json's copy of its seconds is used.
+    assert build_findings(results, n_resamples=100)["reward_stage_minutes"]["value"] == 20.0
+    table = findings_table(load_findings(results))
+    assert table.loc["win_rate_ppo_vs_sft", "n"] == str(N_PROMPTS) and table.loc["rm_accuracy_train", "n"] == "8"
+    assert "72.4" in table.loc["rm_accuracy_train", "paper"]
+
+
+def test_missing_ppo_is_listed_never_invented(tmp_path):
+    results = _toy_results(tmp_path / "results", ppo=False)
+    (results / "rm_predictions.csv").unlink()
+    (results / "run_record.json").unlink()
+    record = json.loads(write_findings(results, n_resamples=100).read_text())
+    validate_findings(record)
+    gone = {"win_rate_ppo_vs_sft", "win_rate_ppo_ptx_vs_sft", "ppo_distinct_fraction", "ppo_length_ratio",
+            "ppo_top_answer_fraction", "rm_accuracy_train", "rm_accuracy_heldout", "reward_stage_minutes"}
+    assert set(record["missing"]) == gone and not gone & set(record)
+    assert "win_rate_best_of_n_vs_sft" in record
+    reasons = record["about"]["missing_reasons"]
+    assert "PPO" in reasons["ppo_distinct_fraction"] and "reward" in reasons["rm_accuracy_train"]
+
+
+def test_a_collapsed_bootstrap_gets_a_wilson_interval_not_zero_width(tmp_path):
+    record = build_findings(_toy_results(tmp_path / "results", win_degenerate=True), n_resamples=100)
+    best = record["win_rate_best_of_n_vs_sft"]
+    assert best["value"] == 50.0 and best["low"] < 50.0 < best["high"] and "Wilson" in best["interval"]
+    validate_findings(record)
+
+
+def _valid_record(tmp_path: Path) -> dict:
+    return build_findings(_toy_results(tmp_path / "results"), n_resamples=200)
+
+
+@pytest.mark.parametrize(("metric", "mutate", "problem"), [
+    ("rm_accuracy_train", lambda e: e.pop("n"), "missing key"),
+    ("rm_accuracy_train", lambda e: e.update(value=math.nan), "finite"),
+    ("win_rate_ppo_vs_sft", lambda e: e.update(high=math.inf), "finite"),
+    ("win_rate_ppo_vs_sft", lambda e: e.update(low=e["value"] + 1), "low <= value <= high"),
+    ("ppo_distinct_fraction", lambda e: e.update(low=e["value"], high=e["value"]), "zero-width"),
+    ("ppo_top_answer_fraction", lambda e: e.update(n=0), "n must be"),
+    ("ppo_top_answer_fraction", lambda e: e.update(n=3.5), "n must be"),
+    ("rm_accuracy_heldout", lambda e: e.update(verdict="maybe"), "verdict must be"),
+    ("win_rate_ppo_vs_sft", lambda e: e.update(verdict="agrees"), "contradicts"),
+    ("rm_accuracy_train", lambda e: e.pop("verdict"), "no verdict"),
+    ("rm_accuracy_train", lambda e: e.pop("paper_side"), "paper_side"),
+    ("reward_stage_minutes", lambda e: e.pop("no_interval_reason"), "no_interval_reason"),
+    ("ppo_length_ratio", lambda e: e.update(unit=""), "unit"),
+    ("ppo_length_ratio", lambda e: e.update(higher_is_better="yes"), "higher_is_better"),
+])
+def test_validator_names_the_metric_and_the_problem(tmp_path, metric, mutate, problem):
+    record = _valid_record(tmp_path)
+    validate_findings(record)
+    broken = copy.deepcopy(record)
+    mutate(broken[metric])
+    with pytest.raises(ValueError, match=problem) as err:
+        validate_findings(broken)
+    assert metric in str(err.value)
+
+
+def test_validator_rejects_a_metric_both_reported_and_missing_and_non_objects(tmp_path):
+    record = _valid_record(tmp_path)
+    with pytest.raises(ValueError, match="win_rate_ppo_vs_sft"):
+        validate_findings({**record, "missing": ["win_rate_ppo_vs_sft"]})
+    with pytest.raises(ValueError):
+        validate_findings([record])
+    with pytest.raises(ValueError):
+        validate_findings({"missing": "everything"})
+
+
+def test_load_findings_refuses_a_broken_file(tmp_path):
+    results = _toy_results(tmp_path / "results")
+    path = write_findings(results, n_resamples=100)
+    record = json.loads(path.read_text())
+    record["rm_accuracy_train"]["low"] = record["rm_accuracy_train"]["high"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="rm_accuracy_train"):
+        load_findings(results)
+    assert load_findings(tmp_path / "nowhere") is None
+
+
+def test_committed_tiny_results_give_a_valid_record(tmp_path):
+    """The real files of results/tiny/ (as a reader of the study has them) give a valid findings.json."""
+    source = REPO / "results" / "tiny"
+    names = ("metrics.json", "analysis_win_rate.csv", "analysis_generations.csv", "rm_predictions.csv", "run_record.json")
+    if not all((source / n).exists() for n in names):
+        pytest.skip("results/tiny is not rendered in this checkout")
+    for name in names:
+        shutil.copy2(source / name, tmp_path / name)
+    record = load_findings(write_findings(tmp_path, n_resamples=500).parent)
+    assert record is not None
+    for name in ("rm_accuracy_train", "rm_accuracy_heldout", "win_rate_ppo_vs_sft", "reward_stage_minutes"):
+        assert name in record or name in record["missing"]
+    prompts = pd.read_csv(source / "rm_predictions.csv")
+    if "rm_accuracy_heldout" in record:  # n is prompts, far fewer than the pairs
+        assert record["rm_accuracy_heldout"]["n"] < record["rm_accuracy_heldout"]["n_pairs"] <= len(prompts)
+
+
+# --------------------------------------------------------------------------------------------
+# Where it is written and shown
+# --------------------------------------------------------------------------------------------
+
+
+def test_export_results_writes_findings_beside_the_tables(tmp_path):
+    from rlhf_lib.analysis import export_results
+
+    toy = _toy_results(tmp_path / "toy")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    shutil.copy2(toy / "metrics.json", stage / "metrics.json")
+    for name in ("win_rate", "generations"):
+        shutil.copy2(toy / f"analysis_{name}.csv", stage / f"{name}.csv")
+    reward = tmp_path / "reward"
+    reward.mkdir()
+    shutil.copy2(toy / "rm_predictions.csv", reward / "predictions.csv")
+    (reward / "DONE.json").write_text(json.dumps({"seconds": 90.0}))
+    results = tmp_path / "results"
+    copied = export_results(stage, results, reward_dir=reward)
+    assert results / FINDINGS_FILE in copied
+    record = load_findings(results)
+    assert record["missing"] == [] and record["reward_stage_minutes"]["value"] == 1.5
+    assert record["about"]["sources"]["rm_accuracy_train"] == "reward/predictions.csv"  # no absolute paths
+    assert record["about"]["sources"]["win_rate_ppo_vs_sft"] == "analysis_win_rate.csv"
+
+
+def test_summary_renders_the_findings_with_n_beside_every_number(tmp_path):
+    from rlhf_lib.report import write_summary
+
+    results = _toy_results(tmp_path / "tiny")
+    write_findings(results, n_resamples=200)
+    text = write_summary(tmp_path, ["tiny"], command="python run_all.py").read_text()
+    assert "## tiny: findings (`tiny/findings.json`)" in text
+    assert "| metric | this run [95% interval] | n | unit | paper | verdict | note |" in text
+    assert "best-of-16" in text and 'top answer: "No"' in text
+    assert f"| win_rate_ppo_vs_sft | 12.5 [5.0, 20.0] | {N_PROMPTS} | percent |" in text and "| disagrees |" in text
+    assert "| reward_stage_minutes | 20.0 | 1 | minutes |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in SPECS]
+    assert len(rows) == len(SPECS) and all(line.split(" | ")[2].strip().isdigit() for line in rows)
+
+
+def test_notebook_05_shows_the_findings_through_rlhf_lib():
+    cells = json.loads((REPO / "notebooks" / "05_analysis.ipynb").read_text())["cells"]
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    assert any("findings.findings_table(" in c for c in code)
+    assert any("export_results(stage_dir, out, paths.stage(\"reward\")" in c for c in code)
+    assert np.isfinite(Z2)
+
+
+def test_run_all_writes_findings_for_an_analysed_size_only_when_analysis_is_in_the_plan(tmp_path, capsys):
+    import run_all
+
+    _toy_results(tmp_path / "out" / "micro")
+    common = ["--sizes", "micro", "--output", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
+    run_all.write_findings_files(run_all.parse_args([*common, "--only", "sft"]), ["micro"])
+    assert not (tmp_path / "out" / "micro" / FINDINGS_FILE).exists()  # analysis not in this run: nothing rewritten
+    run_all.write_findings_files(run_all.parse_args(common), ["micro"])
+    record = load_findings(tmp_path / "out" / "micro")
+    assert record["missing"] == [] and "Findings:" in capsys.readouterr().out
+
+
+def test_a_win_rate_without_prompts_is_missing_not_crashing(tmp_path):
+    results = _toy_results(tmp_path / "results")
+    table = pd.read_csv(results / "analysis_win_rate.csv")
+    table.loc[table["method"] == "PPO-ptx", ["value", "ci_low", "ci_high", "n"]] = [math.nan, math.nan, math.nan, 0]
+    table.to_csv(results / "analysis_win_rate.csv", index=False)
+    record = build_findings(results, n_resamples=100)
+    validate_findings(record)
+    assert record["missing"] == ["win_rate_ppo_ptx_vs_sft"] and "win_rate_ppo_vs_sft" in record
