@@ -13,8 +13,8 @@ rlhf_lib.reward write them, and PPO writes its outputs in the same formats:
         head.safetensors             models.ScalarHead.save
         meta.json                    {"base_model": "<name>", "bias": <float>, "finetune": "lora", ...}
 
-RM score = head(last hidden state at the last non-pad token) - bias, read through
-`models.scalar_outputs` exactly as rlhf_lib.reward does (`score_token_ids`).
+RM score = head(hidden states of the RM's layer, pooled as its meta.json says: the last token's, or the mean
+over the response's tokens) - bias, exactly as rlhf_lib.reward computes it (`score_token_ids`).
 
 Several roles on ONE frozen base::
 
@@ -213,9 +213,14 @@ def freeze_dropout(model: nn.Module) -> None:
 
 
 def score_token_ids(
-    model, head: models.ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor, bias: float = 0.0
+    model, head: models.ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor, bias: float = 0.0,
+    response_len: int | None = None, layer: int = -1, pooling: str = "last",
 ) -> torch.Tensor:
-    """RM score [B]: head(hidden state at each row's last attended token) - bias (rlhf_lib.reward's definition)."""
-    per_position = models.scalar_outputs(model, head, input_ids, attention_mask)
-    last = models.last_token_index(attention_mask)
-    return per_position[torch.arange(per_position.shape[0], device=per_position.device), last] - bias
+    """RM score [B] of [query | response] rows (the response in the last `response_len` columns), exactly as
+    rlhf_lib.reward scores text: head(pooled hidden states of layer `layer`) - bias (see models.pool_states)."""
+    hidden = models.hidden_layer(model, input_ids, attention_mask, layer)
+    response_mask = torch.zeros_like(attention_mask)
+    if response_len:
+        response_mask[:, -response_len:] = 1
+    pooled = models.pool_states(hidden, attention_mask, response_mask, pooling)
+    return head(pooled.to(head.linear.weight.dtype)) - bias

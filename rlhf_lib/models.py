@@ -509,8 +509,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def scalar_outputs(model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-position scalars [batch, seq] from a causal LM's last hidden layer and a ScalarHead."""
+def hidden_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """[batch, seq, hidden] hidden states after block `layer` (an index into `hidden_states`: 0 = embeddings,
+    -1 = the last layer, after the final norm)."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -519,8 +520,33 @@ def scalar_outputs(model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, 
         use_cache=False,
         logits_to_keep=1,  # only the hidden states are needed; skip the LM head over every position
     )
-    hidden = out.hidden_states[-1]
+    return out.hidden_states[layer]
+
+
+def scalar_outputs(
+    model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1
+) -> torch.Tensor:
+    """Per-position scalars [batch, seq] from a causal LM's hidden layer `layer` and a ScalarHead."""
+    hidden = hidden_layer(model, input_ids, attention_mask, layer)
     return head(hidden.to(head.linear.weight.dtype))
+
+
+POOLINGS = ("last", "mean_response")
+
+
+def pool_states(hidden: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[batch, hidden] summary of each row: the last attended token's state ("last"), or the mean over the
+    response's tokens ("mean_response"; rows with no response token fall back to the last token)."""
+    last = last_token_index(attention_mask)
+    at_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "last":
+        return at_last
+    if pooling != "mean_response":
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    weights = (response_mask * attention_mask).to(hidden.dtype).unsqueeze(-1)
+    count = weights.sum(1)
+    mean = (hidden * weights).sum(1) / count.clamp_min(1)
+    return torch.where(count > 0, mean, at_last)
 
 
 def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") -> Any:

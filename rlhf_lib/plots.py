@@ -529,6 +529,27 @@ def plot_rm_accuracy(
         return _save(fig, table, out_path)
 
 
+def plot_rm_learning_curve(
+    curve: pd.DataFrame, out_path: str | os.PathLike[str], paper: Mapping[str, float] | None = PAPER_RM_ACCURACY
+) -> Path:
+    """Held-out RM accuracy against the number of training prompts (rlhf_lib.reward.learning_curve), one line per
+    comparison set, chance at 50% and the paper's accuracies as dotted lines. Still rising at the right: more
+    comparisons would help."""
+    _require(curve, ["train_prompts", "set", "accuracy"], "RM learning curve")
+    with _style():
+        fig, (ax,) = _figure(width=5.5, height=3.8)
+        for i, (name, frame) in enumerate(curve.groupby("set", sort=False)):
+            ax.plot(frame["train_prompts"], frame["accuracy"], marker="o", color=_PALETTE[i], label=name)
+        _reference(ax, 50, "chance")
+        for i, (name, value) in enumerate((paper or {}).items()):
+            _reference(ax, value * 100, f"paper ({name.replace('_', ' ')})", color=_PALETTE[i], style=":")
+        ax.set_xlabel("training prompts (all their rankings)")
+        ax.set_ylabel("held-out pairwise accuracy [%]")
+        ax.set_title("Reward-model learning curve")
+        _legend(ax, loc="lower right")
+        return _save(fig, curve, out_path)
+
+
 def plot_ppo_curves(metrics: str | os.PathLike[str] | pd.DataFrame, out_path: str | os.PathLike[str]) -> Path:
     """PPO training curves from a metrics.csv: reward, KL, entropy, clip fraction, value loss, ptx loss.
 
@@ -561,6 +582,66 @@ def plot_ppo_curves(metrics: str | os.PathLike[str] | pd.DataFrame, out_path: st
         fig.suptitle("PPO training")
         columns = ([step] if step else []) + list(found.values())
         return _save(fig, frame[columns], out_path)
+
+
+def plot_ppo_health(
+    runs: Mapping[str, str | os.PathLike[str] | pd.DataFrame],
+    out_path: str | os.PathLike[str],
+    validation: Mapping[str, str | os.PathLike[str] | pd.DataFrame | None] | None = None,
+    chosen: Mapping[str, int | None] | None = None,
+) -> Path:
+    """Is PPO collapsing? Response length, distinct fraction and entropy per iteration, runs overlaid.
+
+    `runs` maps a run name (PPO, PPO-ptx) to its metrics.csv; iterations the collapse guard marked
+    (`collapsed`) get a red cross. With `validation` (run name -> validation.csv) a fourth panel draws the
+    mean validation reward of greedy answers: filled points could be chosen, hollow ones were barred by
+    the collapse checks, and a star marks `chosen[name]` (the exported iteration).
+    """
+    panels = {"response_length": "mean response length [tokens]", "distinct_fraction": "distinct responses (share)",
+              "entropy": "entropy [nats/token]"}
+    validation = {k: v for k, v in (validation or {}).items() if v is not None}
+    chosen = chosen or {}
+    frames = []
+    with _style():
+        fig, axes = _figure(ncols=4 if validation else 3, width=3.6, height=3.0)
+        for i, (name, metrics) in enumerate(runs.items()):
+            frame = _read_log(metrics)
+            _require(frame, ["iteration", *panels], f"metrics of {name}")
+            color = _color(name, i)
+            flagged = frame["collapsed"].astype(str).isin(["True", "1", "1.0"]) if "collapsed" in frame else None
+            for ax, (col, title) in zip(axes, panels.items(), strict=False):
+                ax.plot(frame["iteration"], frame[col], color=color, linewidth=1.2, marker="o", markersize=2.5, label=name)
+                if flagged is not None and flagged.any():
+                    ax.scatter(frame.loc[flagged, "iteration"], frame.loc[flagged, col], marker="x", color="red", s=40,
+                               zorder=5, label=f"{name}: collapse guard fired")
+                ax.set_title(title, fontsize=9)
+                ax.set_xlabel("iteration")
+            frames.append(frame[["iteration", *panels]].assign(run=name, source="training",
+                                                                collapsed=flagged if flagged is not None else False))
+        axes[1].set_ylim(0, 1.05)
+        _legend(axes[0], loc="best")
+        if validation:
+            ax = axes[3]
+            for i, (name, table) in enumerate(validation.items()):
+                frame = _read_log(table)
+                _require(frame, ["iteration", "score"], f"validation of {name}")
+                color = _color(name, i)
+                allowed = frame["allowed"].astype(str).isin(["True", "1", "1.0"]) if "allowed" in frame else pd.Series(True, frame.index)
+                ax.plot(frame["iteration"], frame["score"], color=color, linewidth=1.2, label=name)
+                ax.scatter(frame.loc[allowed, "iteration"], frame.loc[allowed, "score"], color=color, s=18, zorder=4)
+                ax.scatter(frame.loc[~allowed, "iteration"], frame.loc[~allowed, "score"], facecolors="white",
+                           edgecolors=color, s=22, zorder=4, label=f"{name}: barred by the collapse checks" if (~allowed).any() else None)
+                pick = chosen.get(name)
+                if pick is not None and (frame["iteration"] == pick).any():
+                    y = float(frame.loc[frame["iteration"] == pick, "score"].iloc[0])
+                    ax.scatter([pick], [y], marker="*", s=160, color=color, edgecolors="black", zorder=6,
+                               label=f"{name}: chosen (iteration {pick})")
+                frames.append(frame.assign(run=name, source="validation", chosen=frame["iteration"] == pick))
+            ax.set_title("validation reward (greedy, RM - EOS penalty)", fontsize=9)
+            ax.set_xlabel("iteration")
+            _legend(ax, loc="best")
+        fig.suptitle("PPO: collapse guard and checkpoint choice")
+        return _save(fig, pd.concat(frames, ignore_index=True), out_path)
 
 
 def plot_sft_curves(metrics: str | os.PathLike[str] | pd.DataFrame, out_path: str | os.PathLike[str]) -> Path:

@@ -22,7 +22,8 @@ implementation details of RLHF with PPO (Huang et al., "The N implementation det
  2. logprobs      recompute log pi(token) of every response token under the policy and the frozen
                   reference with the SAME temperature (logits / T), and the value of every state.
  3. score         RM score of (prompt, response) read at the last token (EOS); minus
-                  `missing_eos_penalty` when the response hit the length limit without EOS.
+                  `missing_eos_penalty` x the RM's `sft_score_std` (meta.json) when the response hit the
+                  length limit without EOS.
  4. rewards       per token r_t = -beta * (log pi(y_t) - log pi_ref(y_t)); the score is added at the last token.
  5. GAE           advantages with gamma = 1, lambda = 0.95, respecting the response mask;
                   returns = advantages + values.
@@ -44,14 +45,22 @@ What a run writes into out_dir::
 
     metrics.csv, samples.jsonl, tensorboard/   per iteration: metrics; sample (prompt, response, score)
     checkpoint-000012/                         the last good state: trainable weights, optimizer, EMA, counters
-    policy/  (and policy_last/ when EMA is on) the policy to evaluate, in the SFT adapter format
+    validation.csv, validation_state.json      greedy validation points; the committed selection state
+    best-000010/                               the best allowed validation point's policy so far
+    policy/                                    the policy to evaluate (the chosen validation point, else the
+                                               last iterate; EMA weights when on), in the SFT adapter format
+    policy_last/                               the raw last weights, when policy/ is not them
     value/                                     value adapter + head, in the reward-model format
-    result.json; DIVERGED.json                 run summary; which guard fired, if one did
+    result.json; DIVERGED.json                 run summary (chosen iteration and why, collapse guard); which
+                                               divergence guard fired, if one did
 
 `rollout_batch` and `minibatch` count episodes over all processes (as the paper's 512 and 64 do).
 
 Guards: a non-finite value, mean KL above `max_kl` or entropy below `min_entropy` raise PPODivergence;
-the last good checkpoint stays. Checkpoints are written every iteration (atomically) and a rerun with
+the last good checkpoint stays. The collapse guard (`collapse_reason`) compares each rollout's mean response
+length and entropy with the first rollout's and stops the run cleanly or flags the iteration (`collapsed`).
+Checkpoint choice (`validation_prompts` > 0): greedy answers to held-out PPO prompts, scored as PPO is paid,
+every `validation_every` iterations; `select_checkpoint` keeps the best that does not look collapsed. Checkpoints are written every iteration (atomically) and a rerun with
 the same `out_dir` resumes from the last one. Randomness is reseeded from (seed, iteration, rank) at
 each iteration, so a resumed run reproduces the uninterrupted one exactly.
 """
@@ -62,11 +71,13 @@ import contextlib
 import copy
 import csv
 import json
+import logging
 import math
+import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,6 +112,10 @@ if TYPE_CHECKING:
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 KL_HORIZON = 10_000  # adaptive-KL horizon in episodes (Ziegler et al. 2019)
 ADAM_EPS = 1e-5  # as in the PPO reference implementations
+# A validation point whose greedy answers repeat (fewer than 90% distinct over the validation prompts) is
+# never chosen: one answer for many prompts is how the RM got hacked in the first tiny run.
+VALIDATION_MIN_DISTINCT = 0.9
+logger = logging.getLogger(__name__)
 
 
 class PPODivergence(RuntimeError):
@@ -122,8 +137,13 @@ class PPOResult:
     metrics_csv: Path
     samples_jsonl: Path
     tensorboard_dir: Path
-    iterations: int
+    iterations: int  # iterations whose update was taken
     metrics: list[dict[str, float]] = field(default_factory=list)
+    chosen_iteration: int | None = None  # the iterate exported as policy_dir (0 = the initial policy)
+    selection: str = ""  # why that one
+    stop_reason: str | None = None  # the collapse guard's reason when it stopped the run
+    validation_csv: Path | None = None  # one row per validation point (None when validation is off)
+    missing_eos_penalty: float = float("nan")  # in score units: the knob times the RM's sft_score_std
 
 
 # ============================================================================================
@@ -247,6 +267,94 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if var_returns.item() == 0:
         return float("nan")
     return (1.0 - masked_var(returns - values, mask) / var_returns).item()
+
+
+def distinct_fraction(texts: Sequence[str]) -> float:
+    """Share of distinct responses (compared after stripping whitespace): 1 = all different, 1/n = one answer."""
+    if not texts:
+        return float("nan")
+    return len({t.strip() for t in texts}) / len(texts)
+
+
+def collapse_reason(start: Mapping[str, float], current: Mapping[str, float], fraction: float) -> str | None:
+    """Why `current` looks collapsed next to `start`, or None.
+
+    Collapsed: mean response length or mean token entropy below `fraction` of its start value (the
+    first rollout, before any update). The first tiny run went 14 -> 2 tokens and 3.3 -> 0.02 nats while
+    the RM score rose: these two numbers caught it, the reward did not. fraction <= 0 turns the guard off.
+    """
+    if fraction <= 0:
+        return None
+    reasons = [
+        f"mean {key.replace('_', ' ')} {current[key]:.3g} < {fraction:g} x its start value {start[key]:.3g}"
+        for key in ("response_length", "entropy")
+        if key in start and key in current and current[key] < fraction * start[key]
+    ]
+    return "; ".join(reasons) or None
+
+
+def split_validation_prompts(prompts: Sequence[str], n: int, seed: int) -> tuple[list[str], list[str]]:
+    """(rollout prompts, validation prompts): a seeded choice of n prompts held out, disjoint from the rest.
+
+    Duplicated prompt strings go wholly to one side, so no validation prompt is ever trained on.
+    """
+    unique = list(dict.fromkeys(prompts))
+    if n <= 0:
+        return list(prompts), []
+    if n >= len(unique):
+        raise ValueError(f"[ppo] validation_prompts ({n}) must leave rollout prompts: there are {len(unique)} distinct.")
+    order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed * 104_729 + 17)).tolist()
+    held = {unique[i] for i in order[:n]}
+    return [p for p in prompts if p not in held], [p for p in unique if p in held]
+
+
+def validation_block_reason(
+    first: Mapping[str, float], row: Mapping[str, float], fraction: float, min_distinct: float = VALIDATION_MIN_DISTINCT
+) -> str | None:
+    """Why a validation point may not be chosen (the collapse guard on greedy answers), or None if it may."""
+    reasons = []
+    if fraction > 0 and row["response_length"] < fraction * first["response_length"]:
+        reasons.append(f"length {row['response_length']:.3g} < {fraction:g} x the first validation's "
+                       f"{first['response_length']:.3g}")
+    if row["distinct_fraction"] < min_distinct:
+        reasons.append(f"distinct fraction {row['distinct_fraction']:.2f} < {min_distinct:g}")
+    return "; ".join(reasons) or None
+
+
+def select_checkpoint(
+    rows: Sequence[Mapping[str, float]], fraction: float, min_distinct: float = VALIDATION_MIN_DISTINCT
+) -> tuple[int | None, str]:
+    """(iteration, why) of the best validation point by mean `score` among those the guard allows.
+
+    `rows` are validation points in order (iteration, score, response_length, distinct_fraction); the first
+    is the reference for the length check. Ties go to the earlier iteration (fewer updates, nearer SFT).
+    None when no point is allowed (the caller then exports the last iterate).
+    """
+    if not rows:
+        return None, "no validation point"
+    allowed = [r for r in rows if validation_block_reason(rows[0], r, fraction, min_distinct) is None]
+    if not allowed:
+        return None, f"none of {len(rows)} validation points passed the collapse checks"
+    best = max(allowed, key=lambda r: (r["score"], -r["iteration"]))
+    return int(best["iteration"]), (
+        f"best mean validation reward {best['score']:.4f} among {len(allowed)} of {len(rows)} validation points "
+        f"that passed the collapse checks (greedy length >= {fraction:g} x the first validation's, "
+        f">= {min_distinct:.0%} distinct)")
+
+
+def effective_missing_eos_penalty(ppo: PPOConfig, reward_meta: Mapping[str, Any] | None) -> float:
+    """`missing_eos_penalty` in score units: the knob (in RM-std units) times meta's `sft_score_std`.
+
+    Without that key (an older RM, or a reward_fn without an RM directory) the std counts as 1.0, with a warning.
+    """
+    std = (reward_meta or {}).get("sft_score_std")
+    if std is None or not math.isfinite(float(std)) or float(std) <= 0:
+        warnings.warn(
+            "The reward model's meta.json has no usable 'sft_score_std': missing_eos_penalty is taken in raw score "
+            "units (std 1.0).", stacklevel=2,
+        )
+        std = 1.0
+    return ppo.missing_eos_penalty * float(std)
 
 
 class KLController:
@@ -385,6 +493,9 @@ class PolicyValueRoles(nn.Module):
         temperature: float,
         reward_head: models.ScalarHead | None = None,
         reward_bias: float = 0.0,
+        reward_layer: int = -1,
+        reward_pooling: str = "last",
+        value_layer: int = -1,
     ):
         super().__init__()
         self.model = model
@@ -393,6 +504,9 @@ class PolicyValueRoles(nn.Module):
         self.adapters = dict(adapters)
         self.temperature = temperature
         self.reward_bias = reward_bias
+        # Which hidden layer the RM's head reads and how it pools it (the RM's meta.json); the value head reads
+        # the same layer per position when it starts as the RM.
+        self.reward_layer, self.reward_pooling, self.value_layer = reward_layer, reward_pooling, value_layer
         if reward_head is not None:
             reward_head.requires_grad_(False)
 
@@ -426,11 +540,14 @@ class PolicyValueRoles(nn.Module):
     def values(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
         """V(state before response token t), read at the token that precedes it."""
         with self.role("value") as model:
-            return models.scalar_outputs(model, self.value_head, input_ids, attention_mask)[:, -response_len - 1 : -1].float()
+            per_position = models.scalar_outputs(model, self.value_head, input_ids, attention_mask, layer=self.value_layer)
+            return per_position[:, -response_len - 1 : -1].float()
 
-    def reward_scores(self, input_ids, attention_mask) -> torch.Tensor:
+    def reward_scores(self, input_ids, attention_mask, response_len: int | None = None) -> torch.Tensor:
+        """RM score of [query | response] rows, the response in the last `response_len` columns."""
         with self.role("reward") as model:
-            return score_token_ids(model, self.reward_head, input_ids, attention_mask, self.reward_bias).float()
+            return score_token_ids(model, self.reward_head, input_ids, attention_mask, self.reward_bias, response_len,
+                                   self.reward_layer, self.reward_pooling).float()
 
     def ptx_loss(self, input_ids, attention_mask) -> torch.Tensor:
         with self.role("policy") as model:
@@ -516,7 +633,10 @@ def build_roles(
     model_device = next(model.parameters()).device
 
     reward_head, reward_bias, reward_fn = None, 0.0, None
+    reward_layer, reward_pooling = int((rm_meta or {}).get("layer", -1)), str((rm_meta or {}).get("pooling", "last"))
+    value_layer = -1
     if shares_base:
+        value_layer = reward_layer  # the value head starts as the RM's head, so it reads the RM's layer
         attach_adapter(model, Path(reward_dir) / RM_ADAPTER, "value", trainable=True)
         value_head = models.ScalarHead.load(Path(reward_dir) / RM_HEAD, device=model_device)
         # The value starts as the RM *with its normalisation*: V(full response) = the score PPO is paid. With the
@@ -559,7 +679,8 @@ def build_roles(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = models.load_tokenizer(base_name)
     roles = PolicyValueRoles(
-        model, value_head, adapters, temperature=cfg.generation.temperature, reward_head=reward_head, reward_bias=reward_bias
+        model, value_head, adapters, temperature=cfg.generation.temperature, reward_head=reward_head, reward_bias=reward_bias,
+        reward_layer=reward_layer, reward_pooling=reward_pooling, value_layer=value_layer,
     )
     return roles, tokenizer, reward_fn, base_name
 
@@ -612,6 +733,7 @@ class Rollout:
             "kl": self.kl.sum(1).mean().item(),
             "entropy": masked_mean(self.entropy, mask).item(),
             "response_length": mask.sum(1).mean().item(),
+            "distinct_fraction": distinct_fraction(self.responses),  # of this process's episodes
             "eos_rate": self.ended_with_eos.float().mean().item(),
             "explained_variance": explained_variance(self.values, self.returns, mask),
             "value_mean": masked_mean(self.values, mask).item(),
@@ -662,6 +784,49 @@ def _guard_finite(name: str, tensor: torch.Tensor) -> None:
         raise FloatingPointError(f"non-finite {name}")
 
 
+def _sample_responses(
+    roles: PolicyValueRoles, tokenizer, prompts: Sequence[str], cfg: StudyConfig, temperature: float, seed: int
+) -> Generated:
+    """The policy's responses to raw prompts, in chunks of generation.batch_size (temperature 0 = greedy)."""
+    gen = cfg.generation
+    formatted = [format_prompt(tokenizer, p) for p in prompts]
+    chunks = []
+    with roles.role("policy") as policy:
+        for index, start in enumerate(range(0, len(formatted), gen.batch_size)):
+            try:
+                chunks.append(
+                    generate(
+                        policy, tokenizer, formatted[start : start + gen.batch_size], max_new_tokens=gen.max_new_tokens,
+                        temperature=temperature, top_p=1.0,
+                        generator_seed=seed * 1_000 + index if temperature > 0 else None,  # greedy: leave the RNG alone
+                    )
+                )
+            except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
+                if "inf" in str(err) or "nan" in str(err):
+                    raise FloatingPointError(f"non-finite sampling probabilities ({err})") from err
+                raise
+    return _concat_generated(chunks, tokenizer.pad_token_id)
+
+
+def _score_responses(
+    roles: PolicyValueRoles, sampled: Generated, prompts: Sequence[str], cfg: StudyConfig, reward_fn: RewardFn | None,
+    missing_eos_penalty: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw RM scores, scores PPO is paid = RM score minus the missing-EOS penalty), both [B]."""
+    input_ids = torch.cat([sampled.query_ids, sampled.response_ids], dim=1)
+    attention_mask = torch.cat([sampled.query_mask, sampled.response_mask], dim=1)
+    if reward_fn is not None:
+        rm_scores = reward_fn(list(prompts), sampled.texts).to(sampled.response_mask.device).float()
+    elif not roles.scores_internally:
+        raise ValueError("No reward: the roles carry no reward adapter and no reward_fn was given.")
+    else:
+        response_len = sampled.response_ids.shape[1]
+        rm_scores = _chunked(lambda i, m: roles.reward_scores(i, m, response_len), cfg.generation.batch_size,
+                             input_ids, attention_mask)
+    _guard_finite("reward-model scores", rm_scores)
+    return rm_scores, rm_scores - missing_eos_penalty * (~sampled.ended_with_eos).float()
+
+
 @torch.no_grad()
 def collect_rollout(
     roles: PolicyValueRoles,
@@ -671,29 +836,20 @@ def collect_rollout(
     kl_beta: float,
     reward_fn: RewardFn | None = None,
     seed: int = 0,
+    missing_eos_penalty: float | None = None,
 ) -> Rollout:
-    """Steps 1-6 for one batch of raw prompts. Raises FloatingPointError on a non-finite quantity."""
+    """Steps 1-6 for one batch of raw prompts. Raises FloatingPointError on a non-finite quantity.
+
+    missing_eos_penalty: in score units (train_ppo passes the knob times the RM's sft_score_std);
+    None = `cfg.ppo.missing_eos_penalty` as it stands (an RM std of 1).
+    """
     ppo, gen = cfg.ppo, cfg.generation
     batch = gen.batch_size
-    formatted = [format_prompt(tokenizer, p) for p in prompts]
+    penalty = ppo.missing_eos_penalty if missing_eos_penalty is None else missing_eos_penalty
 
     # 1. rollout: pure temperature sampling (top_p 1, top_k 0) so step 2 can recompute the exact probabilities.
     # Prompts are not cut here: the data stage already bounds their length, as for every other policy sample.
-    chunks = []
-    with roles.role("policy") as policy:
-        for index, start in enumerate(range(0, len(formatted), batch)):
-            try:
-                chunks.append(
-                    generate(
-                        policy, tokenizer, formatted[start : start + batch], max_new_tokens=gen.max_new_tokens,
-                        temperature=gen.temperature, top_p=1.0, generator_seed=seed * 1_000 + index,
-                    )
-                )
-            except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
-                if "inf" in str(err) or "nan" in str(err):
-                    raise FloatingPointError(f"non-finite sampling probabilities ({err})") from err
-                raise
-    sampled = _concat_generated(chunks, tokenizer.pad_token_id)
+    sampled = _sample_responses(roles, tokenizer, prompts, cfg, gen.temperature, seed)
     input_ids = torch.cat([sampled.query_ids, sampled.response_ids], dim=1)
     attention_mask = torch.cat([sampled.query_mask, sampled.response_mask], dim=1)
     mask = sampled.response_mask.float()
@@ -708,14 +864,7 @@ def collect_rollout(
         _guard_finite(name, tensor)
 
     # 3. score at EOS; a response that ran out of tokens without EOS is penalised
-    if reward_fn is not None:
-        rm_scores = reward_fn(list(prompts), sampled.texts).to(mask.device).float()
-    elif not roles.scores_internally:
-        raise ValueError("No reward: the roles carry no reward adapter and no reward_fn was given.")
-    else:
-        rm_scores = _chunked(roles.reward_scores, batch, input_ids, attention_mask)
-    _guard_finite("reward-model scores", rm_scores)
-    scores = rm_scores - ppo.missing_eos_penalty * (~sampled.ended_with_eos).float()
+    rm_scores, scores = _score_responses(roles, sampled, prompts, cfg, reward_fn, penalty)
 
     # 4. per-token rewards: KL penalty everywhere, score at the last token
     rewards, kl = per_token_rewards(logprobs, ref_logprobs, scores, mask, kl_beta)
@@ -734,6 +883,30 @@ def collect_rollout(
         logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, values=values, rm_scores=rm_scores,
         scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns,
     )
+
+
+@torch.no_grad()
+def validate_policy(
+    roles: PolicyValueRoles,
+    tokenizer,
+    prompts: Sequence[str],
+    cfg: StudyConfig,
+    reward_fn: RewardFn | None,
+    missing_eos_penalty: float,
+) -> dict[str, float]:
+    """Greedy responses of the current policy to the validation prompts, scored as PPO is paid.
+
+    Returns means over prompts: `score` (RM score minus the missing-EOS penalty: what selects the
+    checkpoint), `rm_score`, `response_length` (tokens, EOS included), `eos_rate`, and `distinct_fraction`.
+    """
+    sampled = _sample_responses(roles, tokenizer, prompts, cfg, temperature=0.0, seed=0)
+    rm_scores, scores = _score_responses(roles, sampled, prompts, cfg, reward_fn, missing_eos_penalty)
+    return {
+        "score": scores.mean().item(), "rm_score": rm_scores.mean().item(),
+        "response_length": sampled.response_mask.float().sum(1).mean().item(),
+        "eos_rate": sampled.ended_with_eos.float().mean().item(), "distinct_fraction": distinct_fraction(sampled.texts),
+        "prompts": len(prompts),
+    }
 
 
 # ============================================================================================
@@ -873,9 +1046,13 @@ def ppo_update(
 CHECKPOINT_PREFIX = "checkpoint-"
 METRIC_COLUMNS = (
     "iteration", "episodes", "time_s", "episodes_per_s", "lr", "kl_beta",
-    "rm_score", "score", "reward", "kl", "entropy", "response_length", "eos_rate", "explained_variance", "value_mean",
+    "rm_score", "score", "reward", "kl", "entropy", "response_length", "distinct_fraction", "collapsed", "eos_rate",
+    "explained_variance", "value_mean",
     "policy_loss", "value_loss", "ptx_loss", "loss", "approx_kl", "clip_frac", "value_clip_frac", "grad_norm",
     "value_grad_norm", "train_entropy", "ratio_mean",
+)
+VALIDATION_COLUMNS = (
+    "iteration", "score", "rm_score", "response_length", "distinct_fraction", "eos_rate", "prompts", "allowed", "best_so_far",
 )
 
 
@@ -886,6 +1063,8 @@ class TrainState:
     iteration: int = 0
     optimizer_steps: int = 0
     kl_beta: float = 0.0
+    # The collapse guard's reference: mean response length and entropy of the first rollout (before any update).
+    start_stats: dict[str, float] = field(default_factory=dict)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -927,7 +1106,8 @@ def load_checkpoint(path: Path, roles: PolicyValueRoles, optimizer: torch.optim.
     if ema is not None:
         ema.shadow = load_file(str(path / "ema.safetensors"), device=str(device))
     record = json.loads((path / "state.json").read_text())
-    return TrainState(iteration=record["iteration"], optimizer_steps=record["optimizer_steps"], kl_beta=record["kl_beta"])
+    return TrainState(iteration=record["iteration"], optimizer_steps=record["optimizer_steps"], kl_beta=record["kl_beta"],
+                      start_stats=record.get("start_stats", {}))
 
 
 def iteration_prompts(prompts: Sequence[str], iteration: int, batch: int, seed: int) -> list[str]:
@@ -986,18 +1166,99 @@ class RunLog:
                     "kl": rollout.kl[i].sum().item(), "ended_with_eos": bool(rollout.ended_with_eos[i]),
                 }) + "\n")
         for key in METRIC_COLUMNS[1:]:
-            self.writer.add_scalar(f"ppo/{key}", row[key], row["iteration"])
+            self.writer.add_scalar(f"ppo/{key}", float(row[key]), row["iteration"])
         self.writer.flush()
 
     def rows(self) -> list[dict[str, float]]:
         if not self.metrics.exists():
             return []
         with self.metrics.open() as handle:
-            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(handle)]
+            return [{k: _as_float(v) for k, v in r.items()} for r in csv.DictReader(handle)]
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _as_float(value: str) -> float:
+    """A CSV cell as a number: booleans (the `collapsed` column) as 1.0 / 0.0."""
+    if value in ("True", "False"):
+        return float(value == "True")
+    return float(value) if value != "" else float("nan")
+
+
+class ValidationTracker:
+    """validation.csv, the best-so-far policy copy and their state, beside the checkpoints.
+
+    The commit point is validation_state.json (written atomically, last): rows of validation.csv after its
+    `last_validated` iteration and `best-*` copies it does not name are leftovers of an interrupted write and
+    are dropped on load. A validation point whose checkpoint exists but which is not yet in the state is
+    redone on resume (the weights are the checkpoint's, so the result is the same). Only a `writer` (the
+    main process) touches files; the other processes keep the same table in memory.
+    """
+
+    def __init__(self, out_dir: Path, collapse_fraction: float, enabled: bool, writer: bool = True):
+        self.out_dir, self.collapse_fraction, self.enabled, self.writer = out_dir, collapse_fraction, enabled, writer
+        self.csv, self.state_path = out_dir / "validation.csv", out_dir / "validation_state.json"
+        self.rows: list[dict[str, float]] = []
+        self.last_validated: int | None = None
+        self.best_iteration: int | None = None
+        if enabled and self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+            self.last_validated, self.best_iteration = state["last_validated"], state["best_iteration"]
+        if enabled and self.csv.exists():
+            with self.csv.open() as handle:
+                rows = [{k: _as_float(v) for k, v in r.items()} for r in csv.DictReader(handle)]
+            self.rows = [r for r in rows if self.last_validated is not None and r["iteration"] <= self.last_validated]
+        if enabled and writer:
+            self._write_csv()
+            self._drop_stale_copies()
+
+    @property
+    def best_dir(self) -> Path | None:
+        return None if self.best_iteration is None else self.out_dir / f"best-{self.best_iteration:06d}"
+
+    def due(self, iteration: int, every: int, last: int) -> bool:
+        """Whether `iteration` is a validation point not yet recorded (0, every `every`-th, and the last)."""
+        point = iteration == 0 or iteration % every == 0 or iteration == last
+        return self.enabled and point and (self.last_validated is None or iteration > self.last_validated)
+
+    def record(self, iteration: int, stats: dict[str, float], save_copy: Callable[[Path], None]) -> None:
+        """Add a validation row; if selection now picks it, `save_copy(dir)` writes the policy there."""
+        row = {"iteration": float(iteration), **stats}
+        rows = [*self.rows, row]
+        chosen, _ = select_checkpoint(rows, self.collapse_fraction)
+        row["allowed"] = validation_block_reason(rows[0], row, self.collapse_fraction) is None
+        row["best_so_far"] = chosen == iteration
+        self.rows = rows
+        if chosen == iteration:
+            self.best_iteration = iteration
+        self.last_validated = iteration
+        if not self.writer:
+            return
+        self._write_csv()
+        if chosen == iteration:
+            save_copy(self.out_dir / f"best-{iteration:06d}")
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"last_validated": iteration, "best_iteration": self.best_iteration}, indent=1))
+        os.replace(tmp, self.state_path)  # the commit point
+        self._drop_stale_copies()
+
+    def selection(self) -> tuple[int | None, str]:
+        return select_checkpoint(self.rows, self.collapse_fraction)
+
+    def _write_csv(self) -> None:
+        with self.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=VALIDATION_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow({**row, "iteration": int(row["iteration"]), "prompts": int(row["prompts"]),
+                                 "allowed": bool(row.get("allowed", False)), "best_so_far": bool(row.get("best_so_far", False))})
+
+    def _drop_stale_copies(self) -> None:
+        for path in self.out_dir.glob("best-*"):
+            if path.is_dir() and path != self.best_dir:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _mean(history: list[dict[str, float]], key: str) -> float:
@@ -1013,16 +1274,29 @@ def _check_resumable(checkpoint: Path, ppo: PPOConfig) -> None:
         warnings.warn(f"Resuming {checkpoint} with changed [ppo] knobs: {', '.join(changed)}.", stacklevel=3)
 
 
-def export_run(roles: PolicyValueRoles, ema: EMA | None, out_dir: Path, base_name: str, meta: dict) -> tuple[Path, Path]:
-    """Save the policy to evaluate (EMA weights when on; the raw ones as policy_last) and the value function."""
+def export_run(
+    roles: PolicyValueRoles, ema: EMA | None, out_dir: Path, base_name: str, meta: dict, chosen_dir: Path | None = None
+) -> tuple[Path, Path]:
+    """Save the policy to evaluate and the value function.
+
+    policy/ is the chosen validation copy `chosen_dir` when given (its meta.json updated with `meta`), else
+    the last iterate (EMA weights when on). policy_last/ holds the raw last weights whenever policy/ is not them.
+    """
     policy_dir, value_dir = out_dir / "policy", out_dir / "value"
-    if ema is not None:
+    if chosen_dir is not None:
+        with models.atomic_directory(policy_dir) as tmp:
+            shutil.copytree(chosen_dir, tmp, dirs_exist_ok=True)
+            saved = json.loads((tmp / "meta.json").read_text())
+            (tmp / "meta.json").write_text(json.dumps({**saved, **meta}, indent=1))
+    elif ema is not None:
         with ema.applied():
             save_policy_dir(roles.model, "policy", policy_dir, base_name, **meta)
-        save_policy_dir(roles.model, "policy", out_dir / "policy_last", base_name, **meta)
     else:
         save_policy_dir(roles.model, "policy", policy_dir, base_name, **meta)
-    save_reward_dir(roles.model, "value", roles.value_head, value_dir, base_name, bias=0.0, role="value")
+    if chosen_dir is not None or ema is not None:
+        save_policy_dir(roles.model, "policy", out_dir / "policy_last", base_name, **meta)
+    save_reward_dir(roles.model, "value", roles.value_head, value_dir, base_name, bias=0.0, role="value",
+                    layer=roles.value_layer, pooling="last")
     return policy_dir, value_dir
 
 
@@ -1052,6 +1326,10 @@ def train_ppo(
     RM still initialises the value function. Rerunning with the same out_dir resumes from its last
     checkpoint; raising `cfg.ppo.iterations` continues a finished run. Forward passes (rollout scoring
     and PPO minibatches) run at most `cfg.generation.batch_size` sequences at a time.
+    With `[ppo] validation_prompts` > 0 that many of `prompts` are held out from rollouts and the exported
+    policy is the validation point chosen by `select_checkpoint` (see validation.csv, result.json).
+    The collapse guard (`collapse_fraction`, `collapse_action`) stops or flags a policy whose response
+    length or entropy fell below that share of the first rollout's.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -1066,12 +1344,18 @@ def train_ppo(
         raise ValueError("train_ppo needs at least one prompt.")
     if reward_dir is None and reward_fn is None:
         raise ValueError("Pass reward_dir (a trained RM) or reward_fn.")
+    rollout_prompts, validation_prompts = split_validation_prompts(prompts, ppo.validation_prompts, cfg.seed)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if ppo.rollout_batch % world or ppo.minibatch % world:
         raise ValueError(f"rollout_batch ({ppo.rollout_batch}) and minibatch ({ppo.minibatch}) must divide by the {world} processes.")
     local_minibatch = ppo.minibatch // world  # rollout_batch and minibatch are global, as in the paper
     updates_per_iteration = ppo.ppo_epochs * (ppo.rollout_batch // ppo.minibatch)
+    reward_meta = read_meta(reward_dir) if reward_dir else None
+    eos_penalty = effective_missing_eos_penalty(ppo, reward_meta)
+    if main:
+        logger.info("PPO missing-EOS penalty: %.4g score units (%.4g x the RM's SFT-sample score std).",
+                    eos_penalty, ppo.missing_eos_penalty)
 
     # Models, optimizer, controllers; then the last checkpoint, if any.
     out_dir = Path(out_dir)
@@ -1082,7 +1366,7 @@ def train_ppo(
     reward_fn = reward_fn or rm_fn
     optimizer = build_optimizer(roles, ppo)
     ema = EMA(roles.named_policy_parameters(), ppo.ema_decay) if ppo.ema_decay > 0 else None
-    kl_ctl = KLController(ppo.kl_beta, ppo.adaptive_kl, ppo.target_kl)
+    kl_ctl = KLController(ppo.kl_beta, ppo.adaptive_kl, ppo.target_kl, horizon=ppo.kl_horizon)
     state = TrainState(kl_beta=kl_ctl.value)
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
@@ -1095,7 +1379,31 @@ def train_ppo(
         ptx_sampler = PretrainSampler(pretrain_texts, tokenizer, ppo.ptx_batch, cfg.sft.max_seq_tokens, accelerator.device)
 
     log = RunLog(out_dir, state.iteration, enabled=main)
-    run_info = {"seed": cfg.seed, "base_model": base_name, "ptx": ptx, "world_size": world, "ppo": asdict(ppo)}
+    # The main process trims the validation files of an interrupted run before the others read them.
+    tracker = ValidationTracker(out_dir, ppo.collapse_fraction, bool(validation_prompts), writer=True) if main else None
+    accelerator.wait_for_everyone()
+    tracker = tracker or ValidationTracker(out_dir, ppo.collapse_fraction, bool(validation_prompts), writer=False)
+    run_info = {"seed": cfg.seed, "base_model": base_name, "ptx": ptx, "world_size": world, "ppo": asdict(ppo),
+                "missing_eos_penalty_score_units": eos_penalty,
+                "sft_score_std": (reward_meta or {}).get("sft_score_std"),
+                "validation_prompt_list": validation_prompts}
+    policy_meta = {"method": "ppo-ptx" if ptx else "ppo", "ema_decay": ppo.ema_decay, "finetune": "lora",
+                   "quantize_4bit": cfg.model.quantize_4bit}
+
+    def validate(iteration: int) -> None:
+        # Every process generates (sharded engines need all ranks in each forward); the main one records.
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            try:
+                stats = validate_policy(roles, tokenizer, validation_prompts, cfg, reward_fn, eos_penalty)
+            except FloatingPointError as err:
+                raise PPODivergence(f"validation: {err}", iteration, latest_checkpoint(out_dir)) from err
+            tracker.record(iteration, stats, lambda d: save_policy_dir(
+                roles.model, "policy", d, base_name, **policy_meta, iteration=iteration, validation_score=stats["score"]))
+        accelerator.wait_for_everyone()
+
+    if tracker.due(state.iteration, ppo.validation_every, ppo.iterations):
+        validate(state.iteration)  # iteration 0 (the initial policy), or a point whose validation was interrupted
+    stop_reason = None
     bar = tqdm(range(state.iteration + 1, ppo.iterations + 1), initial=state.iteration, total=ppo.iterations,
                desc="PPO-ptx" if ptx else "PPO", unit="it", disable=not (progress and main))
     try:
@@ -1104,27 +1412,37 @@ def train_ppo(
             seed = _iteration_seed(cfg.seed, iteration, rank)
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
-            batch_prompts = iteration_prompts(prompts, iteration, ppo.rollout_batch, cfg.seed)[rank::world]
+            batch_prompts = iteration_prompts(rollout_prompts, iteration, ppo.rollout_batch, cfg.seed)[rank::world]
             try:
                 # Steps 1-6.
-                rollout = collect_rollout(roles, tokenizer, batch_prompts, cfg, kl_ctl.value, reward_fn, seed=seed)
+                rollout = collect_rollout(roles, tokenizer, batch_prompts, cfg, kl_ctl.value, reward_fn, seed=seed,
+                                          missing_eos_penalty=eos_penalty)
                 stats = rollout.stats()
-                # Divergence guards read means over all ranks, so every rank stops together.
-                kl, entropy = accelerator.reduce(torch.tensor([stats["kl"], stats["entropy"]], device=accelerator.device), "mean").tolist()
+                # Divergence and collapse guards read means over all ranks, so every rank stops together.
+                kl, entropy, length = accelerator.reduce(torch.tensor(
+                    [stats["kl"], stats["entropy"], stats["response_length"]], device=accelerator.device), "mean").tolist()
                 if kl > ppo.max_kl:
                     raise FloatingPointError(f"mean sequence KL {kl:.3f} > max_kl {ppo.max_kl}")
                 if entropy < ppo.min_entropy:
                     raise FloatingPointError(f"mean token entropy {entropy:.4f} < min_entropy {ppo.min_entropy}")
-                # Steps 7-8.
-                if cfg.model.gradient_checkpointing:
-                    roles.train()  # HF only checkpoints in train mode; dropout is already zero everywhere
-                steps = ppo_update(
-                    model, optimizer, rollout, ppo, local_minibatch, generator, accelerator=accelerator,
-                    micro_batch_size=cfg.generation.batch_size, ptx_coef=ptx_coef, ptx_sampler=ptx_sampler,
-                    lr_schedule=lambda step, role: learning_rate_at(step, ppo, updates_per_iteration, role),
-                    first_step=state.optimizer_steps, ema=ema, update_policy=iteration > ppo.value_warmup_iterations,
-                )
-                roles.eval()
+                now = {"response_length": length, "entropy": entropy}
+                start_stats = state.start_stats or now  # the first rollout, before any update
+                collapse = collapse_reason(start_stats, now, ppo.collapse_fraction)
+                steps: list[dict[str, float]] = []
+                if collapse and ppo.collapse_action == "stop":
+                    # A collapsed policy is not updated further; the last checkpoint stays the last iterate.
+                    stop_reason = f"collapse guard at iteration {iteration}: {collapse}"
+                else:
+                    # Steps 7-8.
+                    if cfg.model.gradient_checkpointing:
+                        roles.train()  # HF only checkpoints in train mode; dropout is already zero everywhere
+                    steps = ppo_update(
+                        model, optimizer, rollout, ppo, local_minibatch, generator, accelerator=accelerator,
+                        micro_batch_size=cfg.generation.batch_size, ptx_coef=ptx_coef, ptx_sampler=ptx_sampler,
+                        lr_schedule=lambda step, role: learning_rate_at(step, ppo, updates_per_iteration, role),
+                        first_step=state.optimizer_steps, ema=ema, update_policy=iteration > ppo.value_warmup_iterations,
+                    )
+                    roles.eval()
             except FloatingPointError as err:
                 if main:
                     (out_dir / "DIVERGED.json").write_text(json.dumps({"iteration": iteration, "reason": str(err)}, indent=1))
@@ -1137,30 +1455,57 @@ def train_ppo(
             keys = sorted(row)
             means = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device, dtype=torch.float64), "mean")
             row = dict(zip(keys, means.tolist(), strict=True))
-            kl_ctl.update(row["kl"], ppo.rollout_batch)
-            state = TrainState(iteration=iteration, optimizer_steps=state.optimizer_steps + len(steps), kl_beta=kl_ctl.value)
+            if world > 1:  # distinct over the whole batch, not a mean of per-process shares
+                from accelerate.utils import gather_object
+
+                row["distinct_fraction"] = distinct_fraction(gather_object(list(rollout.responses)))
             elapsed = time.time() - started
             row.update(iteration=iteration, episodes=iteration * ppo.rollout_batch, time_s=elapsed,
-                       episodes_per_s=ppo.rollout_batch / elapsed, lr=steps[-1]["lr"], kl_beta=kl_ctl.value)
+                       episodes_per_s=ppo.rollout_batch / elapsed, lr=steps[-1]["lr"] if steps else float("nan"),
+                       kl_beta=kl_ctl.value, collapsed=collapse is not None)
+            if stop_reason is not None:
+                log.write(row, rollout, samples_per_iteration)  # the collapsed rollout is kept for inspection
+                warnings.warn(f"PPO stopped by the {stop_reason}; the policy after iteration {state.iteration} is the "
+                              "last iterate.", stacklevel=2)
+                break
+            kl_ctl.update(row["kl"], ppo.rollout_batch)
+            row["kl_beta"] = kl_ctl.value
+            state = TrainState(iteration=iteration, optimizer_steps=state.optimizer_steps + len(steps), kl_beta=kl_ctl.value,
+                               start_stats=start_stats)
             log.write(row, rollout, samples_per_iteration)
             if main:
                 save_checkpoint(out_dir, roles, optimizer, state, ema, run_info)
                 bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}")
             accelerator.wait_for_everyone()
+            if tracker.due(iteration, ppo.validation_every, ppo.iterations):
+                validate(iteration)
     finally:
         bar.close()
         log.close()
 
+    if validation_prompts:
+        chosen, selection = tracker.selection()
+        chosen_dir = tracker.best_dir if chosen is not None and chosen == tracker.best_iteration else None
+        if chosen_dir is None:
+            chosen = state.iteration
+            selection = f"{selection}; the last iterate (iteration {state.iteration}) is exported"
+    else:
+        chosen, chosen_dir = state.iteration, None
+        selection = "validation off ([ppo] validation_prompts = 0): the last iterate is exported"
     policy_dir, value_dir = out_dir / "policy", out_dir / "value"
     if main:
-        meta = {"method": "ppo-ptx" if ptx else "ppo", "iterations": state.iteration, "ema_decay": ppo.ema_decay,
-                "finetune": "lora", "quantize_4bit": cfg.model.quantize_4bit}
-        export_run(roles, ema, out_dir, base_name, meta)
-        (out_dir / "result.json").write_text(json.dumps({**run_info, "iterations_done": state.iteration}, indent=1))
+        meta = {**policy_meta, "iterations": state.iteration, "chosen_iteration": chosen, "selection": selection}
+        export_run(roles, ema, out_dir, base_name, meta, chosen_dir=chosen_dir)
+        collapsed = [int(r["iteration"]) for r in log.rows() if r.get("collapsed", 0.0) > 0]
+        (out_dir / "result.json").write_text(json.dumps({
+            **run_info, "iterations_done": state.iteration, "chosen_iteration": chosen, "selection": selection,
+            "stop_reason": stop_reason, "collapsed_iterations": collapsed,
+        }, indent=1))
     accelerator.wait_for_everyone()
     return PPOResult(out_dir=out_dir, policy_dir=policy_dir, value_dir=value_dir, metrics_csv=log.metrics,
                      samples_jsonl=log.samples, tensorboard_dir=log.tensorboard, iterations=state.iteration,
-                     metrics=log.rows())
+                     metrics=log.rows(), chosen_iteration=chosen, selection=selection, stop_reason=stop_reason,
+                     validation_csv=tracker.csv if validation_prompts else None, missing_eos_penalty=eos_penalty)
 
 
 # ============================================================================================
@@ -1190,12 +1535,33 @@ def run_ppo_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
                 # Under torchrun/accelerate launch every process trains (accelerate DDP); the main one writes.
                 train_ppo(cfg, init_dir, reward_dir, prompts, pretrain, work / name, ptx=ptx,
                           progress=progress, samples_per_iteration=cfg.ppo.rollout_batch)
-                if is_main_process():
-                    shutil.copytree(work / name, stage.dir / name, ignore=shutil.ignore_patterns(f"{CHECKPOINT_PREFIX}*"))
+                if is_main_process():  # the chosen best-* copy is published as policy/
+                    shutil.copytree(work / name, stage.dir / name,
+                                    ignore=shutil.ignore_patterns(f"{CHECKPOINT_PREFIX}*", "best-*"))
                 wait_for_all_processes()
     if is_main_process():
         shutil.rmtree(work, ignore_errors=True)
     return paths.stage("ppo")
+
+
+def guard_and_selection(run_dir: str | Path) -> dict[str, Any]:
+    """What the collapse guard and the checkpoint choice did in a finished run (its result.json), one flat dict:
+    iterations trained, whether and why the guard stopped it, which iterations it flagged, the exported
+    (chosen) iteration and why, the missing-EOS penalty in score units and the last KL beta."""
+    run_dir = Path(run_dir)
+    result = json.loads((run_dir / "result.json").read_text())
+    metrics = list(csv.DictReader((run_dir / "metrics.csv").open())) if (run_dir / "metrics.csv").exists() else []
+    collapsed = result.get("collapsed_iterations", [])
+    return {
+        "iterations_trained": result.get("iterations_done"),
+        "guard_fired": bool(collapsed or result.get("stop_reason")),
+        "stopped_by_guard": result.get("stop_reason"),
+        "collapsed_iterations": ", ".join(map(str, collapsed)) or "none",
+        "chosen_iteration": result.get("chosen_iteration"),
+        "selection": result.get("selection"),
+        "missing_eos_penalty": result.get("missing_eos_penalty_score_units"),
+        "kl_beta_last": float(metrics[-1]["kl_beta"]) if metrics else float("nan"),
+    }
 
 
 def score_trend(samples: pd.DataFrame, column: str = "rm_score", n_resamples: int = 1000, seed: int = 0) -> MetricResult:

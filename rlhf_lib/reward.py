@@ -1,19 +1,26 @@
 """Step 2 of InstructGPT: a reward model trained on K-wise rankings.
 
-The RM is a transformer (LoRA on the base, or full) with a scalar head read at the final (EOS) token.
-Loss (Ouyang et al. 2022, eq. 1): all C(K,2) pairs of one prompt's ranking form ONE batch element,
+The RM is the SFT model (as in the paper) with a scalar head read at the final token. Loss (Ouyang et
+al. 2022, eq. 1): all C(K,2) pairs of one prompt's ranking form ONE batch element,
 
     loss(prompt) = -1/C(K,2) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l))      (ties dropped)
 
-so each completion is forwarded once per prompt, and pairs of one prompt are never split across
-batches (the paper found shuffled pairs overfit). `mode="pairwise"` trains on shuffled independent
-pairs instead, on the same data: the ablation. After training, a bias is set so that human-written
-demonstrations score a mean of 0. The RM scores TEXT: it re-tokenises with its own tokenizer, so
-one RM can judge policies of other families and sizes.
+so pairs of one prompt are never split across batches (the paper found shuffled pairs overfit).
+`mode="pairwise"` trains on shuffled independent pairs instead, on the same data: the ablation.
+After training, a bias is set so that human-written demonstrations score a mean of 0.
 
-    from rlhf_lib.reward import train_reward_model, RewardModel
-    result = train_reward_model(cfg, comparisons, out_dir, demonstrations=demos)
-    rm = RewardModel.load(result.model_dir)
+Two ways to train it (`reward.method`):
+- `lora` (GPU presets): LoRA adapters of the SFT model and the head, trained end to end.
+- `cached_head` (CPU presets): the SFT model stays frozen and runs ONCE per completion; its last hidden
+  state at the final token is cached, and the head is fitted on those features for many epochs, with
+  early stopping and an L2 strength chosen on a validation split of the training prompts. The saved RM
+  is the same format (SFT adapter + head), so PPO reads it the same way.
+
+The RM scores TEXT as the policy made it: EOS is appended only to answers that ended with EOS, never to
+one cut at the token budget. It re-tokenises with its own tokenizer, so one RM can judge other policies.
+
+    from rlhf_lib.reward import RewardModel
+    rm = RewardModel.load(paths.reward / "model")
     rm.score_texts(["Name a colour."], ["Red."])         # tensor([...]), demos average 0
 """
 
@@ -25,9 +32,10 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,7 +82,13 @@ def kwise_loss(scores: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
 
 @dataclass
 class RewardModel:
-    """A causal LM body + scalar head that scores (prompt, response) text; frozen after training."""
+    """A causal LM body + scalar head that scores (prompt, response) text; frozen after training.
+
+    The head reads the hidden states of block `layer` (an index into `hidden_states`; -1 = the last), pooled
+    over the text (`pooling`): the final token's state ("last", the usual RM), or the mean over the response's
+    tokens ("mean_response"). `layer` and `pooling` are saved in meta.json; PPO reads them to score and to
+    start its value function the same way.
+    """
 
     model: torch.nn.Module
     head: models.ScalarHead
@@ -82,46 +96,95 @@ class RewardModel:
     base_name: str
     bias: float = 0.0
     max_tokens: int = 320
+    layer: int = -1
+    pooling: str = "last"
 
-    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Token ids of prompt + response + EOS in the RM's own format, left-padded."""
-        texts = [
-            format_prompt(self.tokenizer, p) + r.strip() + (self.tokenizer.eos_token or "")
-            for p, r in zip(prompts, responses, strict=True)
-        ]
+    def encode(
+        self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Token ids of prompt + response (+ EOS where the response ended with one), left-padded, and a
+        `response_mask` that is 1 on the response's tokens (EOS included)."""
+        ended = [True] * len(prompts) if ended is None else list(ended)
+        eos = self.tokenizer.eos_token or ""
+        queries = [format_prompt(self.tokenizer, p) for p in prompts]
+        texts = [q + r.strip() + (eos if done else "") for q, r, done in zip(queries, responses, ended, strict=True)]
         self.tokenizer.padding_side = "left"
-        # Truncate from the left so the final (EOS) token, where the score is read, always survives.
+        # Truncate from the left so the final token, where the score is read, always survives.
         self.tokenizer.truncation_side = "left"
         batch = self.tokenizer(
             texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens, add_special_tokens=False
         )
+        query_lengths = [len(ids) for ids in self.tokenizer(queries, add_special_tokens=False)["input_ids"]]
+        full_lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        width = batch["input_ids"].shape[1]
+        response_mask = torch.zeros_like(batch["attention_mask"])
+        for row, (q, f) in enumerate(zip(query_lengths, full_lengths, strict=True)):
+            n_response = min(max(f - q, 0), width)
+            if n_response:
+                response_mask[row, width - n_response :] = 1
+        batch["response_mask"] = response_mask
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
-    def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """Head output at the last token, before the normalisation bias (differentiable)."""
-        batch = self.encode(prompts, responses)
-        per_position = models.scalar_outputs(self.model, self.head, batch["input_ids"], batch["attention_mask"])
-        last = models.last_token_index(batch["attention_mask"])
-        return per_position[torch.arange(len(last), device=last.device), last]
+    def pooled_states(
+        self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """[len(layers), B, H] pooled hidden states of each layer (default: this RM's): what the head reads."""
+        batch = self.encode(prompts, responses, ended)
+        mask = batch["attention_mask"]
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=models.position_ids_from_mask(mask),
+            output_hidden_states=True, use_cache=False, logits_to_keep=1,
+        )
+        layers = [self.layer] if layers is None else list(layers)
+        pooled = [models.pool_states(out.hidden_states[i], mask, batch["response_mask"], self.pooling) for i in layers]
+        return torch.stack(pooled).to(self.head.linear.weight.dtype)
+
+    def raw_scores(self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None) -> torch.Tensor:
+        """Head output on the pooled states, before the normalisation bias (differentiable)."""
+        return self.head(self.pooled_states(prompts, responses, ended)[0])
 
     @torch.no_grad()
-    def score_texts(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-        """Normalised reward of each (prompt, response): demonstrations average 0."""
+    def features(
+        self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None,
+        batch_size: int = 8, progress: bool = False, desc: str = "RM features", layers: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """`pooled_states` of many texts, batched by length (no gradients): [N, H] for this RM's layer, or
+        [len(layers), N, H] when `layers` is given. scores = head(features) - bias."""
+        ended = [True] * len(prompts) if ended is None else list(ended)
+        n_layers = 1 if layers is None else len(layers)
         if not prompts:
-            return torch.empty(0)
+            empty = torch.empty(n_layers, 0, models.hidden_size_of(self.model))
+            return empty[0] if layers is None else empty
         was_training = self.model.training
         self.model.eval()
         # Batches of similar length pad little (a few long HHH dialogues would otherwise pad whole batches).
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         out = [
-            self.raw_scores([prompts[j] for j in chunk], [responses[j] for j in chunk]).float().cpu()
-            for chunk in (order[i : i + batch_size] for i in range(0, len(order), batch_size))
+            self.pooled_states([prompts[j] for j in chunk], [responses[j] for j in chunk], [ended[j] for j in chunk],
+                               layers).float().cpu()
+            for chunk in tqdm(chunks, desc=desc, disable=not progress, unit="batch")
         ]
         self.model.train(was_training)
-        scores = torch.empty(len(prompts))
-        scores[torch.tensor(order)] = torch.cat(out)
-        return scores - self.bias
+        features = torch.empty(n_layers, len(prompts), out[0].shape[2])
+        features[:, torch.tensor(order)] = torch.cat(out, dim=1)
+        return features[0] if layers is None else features
+
+    @torch.no_grad()
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalised reward from cached `features` (the same numbers as `score_texts`)."""
+        return self.head(features.to(self.head.linear.weight)).float().cpu() - self.bias
+
+    @torch.no_grad()
+    def score_texts(
+        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8, ended: Sequence[bool] | None = None
+    ) -> torch.Tensor:
+        """Normalised reward of each (prompt, response): demonstrations average 0. `ended`: default all True."""
+        if not prompts:
+            return torch.empty(0)
+        return self.score_features(self.features(prompts, responses, ended, batch_size=batch_size))
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
@@ -134,7 +197,8 @@ class RewardModel:
             self.tokenizer.save_pretrained(directory / "full")
             finetune = "full"
         self.head.save(directory / HEAD)
-        meta = {"base_model": self.base_name, "bias": self.bias, "finetune": finetune, "max_tokens": self.max_tokens}
+        meta = {"base_model": self.base_name, "bias": self.bias, "finetune": finetune, "max_tokens": self.max_tokens,
+                "layer": self.layer, "pooling": self.pooling}
         (directory / META).write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -153,19 +217,38 @@ class RewardModel:
         model.eval()
         head = models.ScalarHead.load(directory / HEAD, device=next(model.parameters()).device)
         head.requires_grad_(False)
-        return cls(model, head, tokenizer, meta["base_model"], meta["bias"], meta.get("max_tokens", 320))
+        return cls(model, head, tokenizer, meta["base_model"], meta["bias"], meta.get("max_tokens", 320),
+                   meta.get("layer", -1), meta.get("pooling", "last"))
 
 
-def new_reward_model(cfg: StudyConfig) -> RewardModel:
-    """An untrained RM on the preset's RM base (LoRA + fresh head, or full), dropout off."""
-    name = cfg.model.reward_model_name or cfg.model.name
-    body = models.load_causal_lm(name, device=cfg.model.device, dtype=cfg.model.dtype, quantize_4bit=cfg.model.quantize_4bit)
-    if cfg.model.finetune == "lora":
-        body = models.lora_from_config(body, cfg.model)  # "default": saved straight into adapter/
+def new_reward_model(cfg: StudyConfig, init_dir: Path | str | None = None, trainable: bool = True) -> RewardModel:
+    """An untrained RM, dropout off: the SFT policy in `init_dir` (the paper) or the preset's base with a fresh
+    LoRA, plus a fresh scalar head. `trainable=False` freezes the body (the cached-head path trains the head only)."""
+    if init_dir is not None:
+        from rlhf_lib.sft import load_policy
+
+        body, tokenizer = load_policy(init_dir, trainable=trainable)
+        name = json.loads((Path(init_dir) / META).read_text())["base_model"]
+    else:
+        name = cfg.model.reward_model_name or cfg.model.name
+        body = models.load_causal_lm(name, device=cfg.model.device, dtype=cfg.model.dtype, quantize_4bit=cfg.model.quantize_4bit)
+        if cfg.model.finetune == "lora":
+            body = models.lora_from_config(body, cfg.model)  # "default": saved straight into adapter/
+        tokenizer = models.load_tokenizer(name)
+        if not trainable:
+            body.requires_grad_(False)
+    body.eval()  # no dropout in a reward model
     device = next(body.parameters()).device
     torch.manual_seed(cfg.seed)
     head = models.ScalarHead(models.hidden_size_of(body)).to(device)
-    return RewardModel(body, head, models.load_tokenizer(name), name, 0.0, cfg.reward.max_seq_tokens)
+    layer = layer_index(body, cfg.reward.feature_layers[-1])
+    return RewardModel(body, head, tokenizer, name, 0.0, cfg.reward.max_seq_tokens, layer, cfg.reward.pooling)
+
+
+def layer_index(model: torch.nn.Module, depth: float) -> int:
+    """Index into `hidden_states` of the block at `depth` (a fraction of the model's blocks; 1.0 = the last)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return max(1, round(depth * config.num_hidden_layers))
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,15 +273,16 @@ def _chunks(items: Sequence, size: int) -> list:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _training_units(comparisons: Sequence[dict], mode: str) -> list[tuple[str, list[str], list[int]]]:
-    """One unit per prompt (kwise: all its completions and ranks) or per pair (pairwise ablation)."""
+def _training_units(comparisons: Sequence[dict], mode: str) -> list[tuple[str, list[str], list[int], list[bool]]]:
+    """One unit per ranking (kwise: all its completions, ranks and EOS flags) or per pair (pairwise ablation)."""
     units = []
     for row in comparisons:
+        ended = list(row.get("completion_ended") or [True] * len(row["completions"]))
         if mode == "kwise":
-            units.append((row["prompt"], list(row["completions"]), list(row["ranks"])))
+            units.append((row["prompt"], list(row["completions"]), list(row["ranks"]), ended))
         else:
             for w, lo in ranked_pairs(row["ranks"]):
-                units.append((row["prompt"], [row["completions"][w], row["completions"][lo]], [0, 1]))
+                units.append((row["prompt"], [row["completions"][w], row["completions"][lo]], [0, 1], [ended[w], ended[lo]]))
     return units
 
 
@@ -209,8 +293,11 @@ def train_reward_model(
     demonstrations: Sequence[tuple[str, str]] = (),
     mode: str = "kwise",
     progress: bool = True,
+    init_dir: Path | str | None = None,
 ) -> RewardTrainResult:
-    """Train an RM on ranked comparisons (COMPARISON_FEATURES rows); save it with its demo bias.
+    """Train an RM end to end (LoRA) on ranked comparisons (COMPARISON_FEATURES rows); save it with its demo bias.
+
+    init_dir: the SFT policy to start from (the paper); None starts from the preset's base.
 
     kwise: a batch holds `reward.batch_prompts` prompts, each with all of its pairs (the paper).
     pairwise: a batch holds `batch_prompts * mean C(K,2)` shuffled pairs (same pairs per batch on average).
@@ -218,7 +305,7 @@ def train_reward_model(
     if mode not in ("kwise", "pairwise"):
         raise ValueError(f"mode must be 'kwise' or 'pairwise', not {mode!r}")
     out_dir = Path(out_dir)
-    rm = new_reward_model(cfg)
+    rm = new_reward_model(cfg, init_dir)
     units = _training_units(comparisons, mode)
     if not units:
         raise ValueError("No comparisons to train on (every ranking tied?).")
@@ -247,10 +334,10 @@ def train_reward_model(
             # sequences and is backpropagated at once, so memory is bounded and the gradient unchanged.
             loss_value, n_pairs = 0.0, 0
             if mode == "kwise":
-                for prompt, completions, ranks in batch:
+                for prompt, completions, ranks, ended in batch:
                     scores = torch.cat([
-                        rm.raw_scores([prompt] * len(chunk), chunk)
-                        for chunk in _chunks(completions, cfg.reward.forward_batch)
+                        rm.raw_scores([prompt] * len(idx), [completions[i] for i in idx], [ended[i] for i in idx])
+                        for idx in _chunks(range(len(completions)), cfg.reward.forward_batch)
                     ])
                     loss = kwise_loss(scores, ranks) / len(batch)
                     loss.backward()
@@ -258,8 +345,9 @@ def train_reward_model(
                     n_pairs += len(ranked_pairs(ranks))
             else:
                 for chunk in _chunks(batch, max(1, cfg.reward.forward_batch // 2)):
-                    prompts = [p for p, c, _ in chunk for _ in c]
-                    scores = rm.raw_scores(prompts, [text for _, c, _ in chunk for text in c]).view(-1, 2)
+                    prompts = [p for p, c, _, _ in chunk for _ in c]
+                    texts = [text for _, c, _, _ in chunk for text in c]
+                    scores = rm.raw_scores(prompts, texts, [e for *_, flags in chunk for e in flags]).view(-1, 2)
                     loss = -F.logsigmoid(scores[:, 0] - scores[:, 1]).sum() / len(batch)
                     loss.backward()
                     loss_value += loss.item()
@@ -286,26 +374,260 @@ def train_reward_model(
 
 
 # --------------------------------------------------------------------------------------------
+# The cheap path: the frozen SFT model runs once per completion, the head is fitted on its features
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureTable:
+    """Unique (prompt, response, ended) texts and their cached pooled hidden states at several layers."""
+
+    keys: dict[tuple[str, str, bool], int]
+    features: dict[int, torch.Tensor]  # layer index -> [N, H]
+
+    def rows(self, prompt: str, responses: Sequence[str], ended: Sequence[bool]) -> list[int]:
+        return [self.keys[(prompt, r, bool(e))] for r, e in zip(responses, ended, strict=True)]
+
+
+def build_feature_table(
+    rm: RewardModel, texts: Sequence[tuple[str, str, bool]], batch_size: int, layers: Sequence[int] | None = None,
+    progress: bool = True,
+) -> FeatureTable:
+    """Run the frozen RM body once per distinct (prompt, response, ended); keep its pooled states at `layers`."""
+    keys: dict[tuple[str, str, bool], int] = {}
+    for prompt, response, ended in texts:
+        keys.setdefault((prompt, response, bool(ended)), len(keys))
+    unique = list(keys)
+    layers = [rm.layer] if layers is None else list(layers)
+    features = rm.features([p for p, _, _ in unique], [r for _, r, _ in unique], [e for _, _, e in unique],
+                           batch_size=batch_size, progress=progress, desc="RM features (frozen SFT model)", layers=layers)
+    return FeatureTable(keys, dict(zip(layers, features, strict=True)))
+
+
+def comparison_texts(comparisons: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, bool]]:
+    """Every (prompt, completion, ended) of some ranked comparisons."""
+    return [
+        (row["prompt"], text, bool(done))
+        for row in comparisons
+        for text, done in zip(row["completions"], row.get("completion_ended") or [True] * len(row["completions"]), strict=True)
+    ]
+
+
+@dataclass
+class RankedUnit:
+    """One ranking: the feature rows of its K completions and their ranks (0 = best)."""
+
+    prompt_id: str
+    rows: list[int]
+    ranks: list[int]
+
+
+def ranked_units(table: FeatureTable, comparisons: Sequence[Mapping[str, Any]]) -> list[RankedUnit]:
+    units = []
+    for row in comparisons:
+        ended = row.get("completion_ended") or [True] * len(row["completions"])
+        units.append(RankedUnit(str(row["prompt_id"]), table.rows(row["prompt"], row["completions"], ended), list(row["ranks"])))
+    return units
+
+
+def _pair_arrays(units: Sequence[RankedUnit]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(winner rows, loser rows, index of the unit of each pair) over every untied pair of `units`."""
+    winners, losers, unit_of = [], [], []
+    for u_index, unit in enumerate(units):
+        for w, lo in ranked_pairs(unit.ranks):
+            winners.append(unit.rows[w])
+            losers.append(unit.rows[lo])
+            unit_of.append(u_index)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return as_long(winners), as_long(losers), as_long(unit_of)
+
+
+def kwise_loss_of_units(scores: torch.Tensor, units: Sequence[RankedUnit]) -> torch.Tensor:
+    """The paper's loss over several rankings: the mean over units of each unit's mean pair loss (kwise_loss)."""
+    winners, losers, unit_of = _pair_arrays(units)
+    if len(winners) == 0:
+        return scores.sum() * 0.0
+    pair_loss = -F.logsigmoid(scores[winners] - scores[losers])
+    per_unit = torch.zeros(len(units)).index_add(0, unit_of, pair_loss)
+    counts = torch.zeros(len(units)).index_add(0, unit_of, torch.ones_like(pair_loss))
+    has_pairs = counts > 0
+    return (per_unit[has_pairs] / counts[has_pairs]).mean()
+
+
+def pair_accuracy_of_units(scores: torch.Tensor, units: Sequence[RankedUnit]) -> float:
+    winners, losers, _ = _pair_arrays(units)
+    if len(winners) == 0:
+        return float("nan")
+    diff = scores[winners] - scores[losers]
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+@dataclass
+class HeadFit:
+    """A linear head on raw features (weight [H], intercept) and how it was fitted."""
+
+    weight: torch.Tensor
+    intercept: float
+    history: pd.DataFrame  # epoch, train_loss, val_loss, val_accuracy
+    best_epoch: int
+    val_loss: float
+    val_accuracy: float
+
+
+def fit_head(
+    features: torch.Tensor,
+    train_units: Sequence[RankedUnit],
+    val_units: Sequence[RankedUnit],
+    *,
+    weight_decay: float,
+    learning_rate: float,
+    batch_prompts: int,
+    max_epochs: int,
+    patience: int,
+    mode: str = "kwise",
+    seed: int = 0,
+) -> HeadFit:
+    """Fit a linear scalar head on cached features with the K-wise loss (or shuffled pairs: the ablation).
+
+    Features are standardised on the training rows (folded back into the returned weight). kwise: a batch
+    holds `batch_prompts` rankings with all their pairs; pairwise: shuffled pairs, the same number of pairs
+    per batch on average. With `val_units`, training stops after `patience` epochs without a lower validation
+    K-wise loss and the best epoch is kept; without, it runs `max_epochs` epochs.
+    """
+    if mode not in ("kwise", "pairwise"):
+        raise ValueError(f"mode must be 'kwise' or 'pairwise', not {mode!r}")
+    train_rows = sorted({r for u in train_units for r in u.rows})
+    mean = features[train_rows].mean(0)
+    std = features[train_rows].std(0).clamp_min(1e-4)
+    x = (features - mean) / std
+    theta = torch.zeros(x.shape[1], requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    winners, losers, unit_of = _pair_arrays(train_units)
+    if len(winners) == 0:
+        raise ValueError("No untied pairs to fit the reward head on.")
+    n_units = len(train_units)
+    pairs_per_unit = torch.zeros(n_units).index_add(0, unit_of, torch.ones(len(winners)))
+    pair_batch = max(1, round(batch_prompts * len(winners) / n_units))
+    diffs = x[winners] - x[losers]  # score(w) - score(l) = diffs @ theta: the head is linear
+    history, best = [], (math.inf, 0, theta.detach().clone(), float("nan"))
+    for epoch in range(1, max_epochs + 1):
+        if mode == "kwise":
+            unit_order = torch.randperm(n_units, generator=generator)
+            position = torch.empty(n_units, dtype=torch.long)
+            position[unit_order] = torch.arange(n_units)
+            batch_of_pair = position[unit_of] // batch_prompts  # every pair of a unit lands in its unit's batch
+            batches = [torch.nonzero(batch_of_pair == b).squeeze(1) for b in range(math.ceil(n_units / batch_prompts))]
+        else:
+            pair_order = torch.randperm(len(winners), generator=generator)
+            batches = list(pair_order.split(pair_batch))
+        total = 0.0
+        for batch in batches:
+            pair_loss = -F.logsigmoid(diffs[batch] @ theta)
+            if mode == "kwise":  # mean over the batch's units of each unit's mean pair loss
+                weights = 1.0 / pairs_per_unit[unit_of[batch]]
+                loss = (pair_loss * weights).sum() / len(torch.unique(unit_of[batch]))
+            else:
+                loss = pair_loss.mean()
+            loss = loss + weight_decay * theta.pow(2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        row = {"epoch": epoch, "train_loss": total / len(winners)}
+        if val_units:
+            with torch.no_grad():
+                scores = x @ theta
+                row["val_loss"] = float(kwise_loss_of_units(scores, val_units))
+                row["val_accuracy"] = pair_accuracy_of_units(scores, val_units)
+            if row["val_loss"] < best[0] - 1e-5:
+                best = (row["val_loss"], epoch, theta.detach().clone(), row["val_accuracy"])
+            elif epoch - best[1] >= patience:
+                history.append(row)
+                break
+        history.append(row)
+    if val_units:
+        val_loss, best_epoch, chosen, val_accuracy = best
+    else:
+        val_loss, best_epoch, chosen, val_accuracy = float("nan"), len(history), theta.detach(), float("nan")
+    weight = chosen / std
+    return HeadFit(weight, float(-(weight * mean).sum()), pd.DataFrame(history), best_epoch, val_loss, val_accuracy)
+
+
+def head_from_fit(fit: HeadFit, like: models.ScalarHead) -> models.ScalarHead:
+    """A ScalarHead (same device and dtype as `like`) computing fit.weight . h + fit.intercept."""
+    head = models.ScalarHead(fit.weight.shape[0]).to(like.linear.weight)
+    with torch.no_grad():
+        head.linear.weight.copy_(fit.weight.view(1, -1))
+        head.linear.bias.fill_(fit.intercept)
+    head.requires_grad_(False)
+    return head
+
+
+def split_prompt_ids(prompt_ids: Sequence[str], fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """(kept, held) prompt ids: a seeded `fraction` of the distinct prompts is held (all its rankings together)."""
+    distinct = sorted(set(prompt_ids))
+    random.Random(seed).shuffle(distinct)
+    n_held = max(1, round(len(distinct) * fraction)) if len(distinct) > 1 else 0
+    return set(distinct[n_held:]), set(distinct[:n_held])
+
+
+@dataclass
+class CachedHeadResult:
+    fit: HeadFit
+    layer: int
+    weight_decay: float
+    selection: pd.DataFrame  # one row per (layer, L2 strength) tried: best epoch, validation loss and accuracy
+
+
+def train_cached_head(
+    features: Mapping[int, torch.Tensor], units: Sequence[RankedUnit], rc, seed: int, mode: str = "kwise"
+) -> CachedHeadResult:
+    """Choose the layer, L2 strength and epoch count on a validation split of the training prompts (lowest
+    K-wise validation loss), then refit on all training prompts. `features`: layer index -> [N, H]."""
+    kept, held = split_prompt_ids([u.prompt_id for u in units], rc.validation_fraction, seed)
+    fit_units = [u for u in units if u.prompt_id in kept]
+    val_units = [u for u in units if u.prompt_id in held]
+    common = dict(learning_rate=rc.head_learning_rate, batch_prompts=rc.batch_prompts, mode=mode, seed=seed)
+    rows, fits = [], {}
+    for layer, layer_features in features.items():
+        for decay in rc.head_weight_decays:
+            fit = fit_head(layer_features, fit_units, val_units, weight_decay=decay, max_epochs=rc.head_max_epochs,
+                           patience=rc.head_patience, **common)
+            fits[(layer, decay)] = fit
+            rows.append({"mode": mode, "layer": layer, "weight_decay": decay, "best_epoch": fit.best_epoch,
+                         "val_loss": fit.val_loss, "val_accuracy": fit.val_accuracy, "val_prompts": len(held),
+                         "fit_prompts": len(kept)})
+    selection = pd.DataFrame(rows)
+    layer, decay = min(fits, key=lambda key: fits[key].val_loss)
+    final = fit_head(features[layer], units, [], weight_decay=decay, max_epochs=fits[(layer, decay)].best_epoch,
+                     patience=1, **common)
+    chosen = (selection["layer"] == layer) & (selection["weight_decay"] == decay)
+    return CachedHeadResult(final, layer, decay, selection.assign(chosen=chosen))
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
 
+def _prediction_rows(comparisons: Sequence[Mapping[str, Any]], scores_per_row: Sequence[Sequence[float]], set_name: str) -> list[dict]:
+    rows = []
+    for row, scores in zip(comparisons, scores_per_row, strict=True):
+        for w, lo in ranked_pairs(row["ranks"]):
+            rows.append({"set": set_name, "prompt_id": row["prompt_id"], "labeler_id": row["labeler_id"],
+                         "score_chosen": float(scores[w]), "score_rejected": float(scores[lo])})
+    return rows
+
+
 def comparison_predictions(rm: RewardModel, comparisons: Sequence[dict], set_name: str) -> pd.DataFrame:
     """One row per untied pair: both scores and which one the labeler preferred (saved for recomputation)."""
-    rows = []
-    for row in comparisons:
-        scores = rm.score_texts([row["prompt"]] * len(row["completions"]), list(row["completions"])).tolist()
-        for w, lo in ranked_pairs(row["ranks"]):
-            rows.append(
-                {
-                    "set": set_name,
-                    "prompt_id": row["prompt_id"],
-                    "labeler_id": row["labeler_id"],
-                    "score_chosen": scores[w],
-                    "score_rejected": scores[lo],
-                }
-            )
-    return pd.DataFrame(rows)
+    scores = [
+        rm.score_texts([row["prompt"]] * len(row["completions"]), list(row["completions"]),
+                       ended=row.get("completion_ended") or None).tolist()
+        for row in comparisons
+    ]
+    return pd.DataFrame(_prediction_rows(comparisons, scores, set_name))
 
 
 def preference_pair_predictions(rm: RewardModel, pairs: Sequence[dict], set_name: str = "hhh") -> pd.DataFrame:
@@ -351,78 +673,227 @@ def calibration_table(predictions: pd.DataFrame, bins: int = 8) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def run_reward_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
-    """Collect K-wise comparisons, calibrate the labelers, train the RM (and the pairwise ablation),
-    and save every prediction needed to recompute its accuracies. Cached per fingerprint.
+COMPARISON_SETS = {  # file name -> the set name used in predictions.csv
+    "comparisons_train.jsonl": "train prompts / training labelers",
+    "comparisons_heldout_trainlabelers.jsonl": "held-out prompts / training labelers",
+    "comparisons_heldout_heldoutlabelers.jsonl": "held-out prompts / held-out labelers",
+}
+LEARNING_CURVE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
-    An interrupted run keeps its sampled completions and labels in runs/<preset>/work-reward-<fp>/.
+
+def collect_comparisons(cfg: StudyConfig, paths, work: Path, out_dir: Path, progress: bool = True) -> dict[str, list[dict]]:
+    """Sample K completions per RM prompt, calibrate the labelers on them, and rank them.
+
+    Training prompts are ranked by training labelers; held-out prompts (never trained on) by training AND by
+    held-out labelers; `labelers.labelers_per_prompt` of each population rank every prompt. Writes
+    agreement.csv and the three comparison files into `out_dir`; returns {file name: rows}.
     """
     from rlhf_lib import labelers as lab
     from rlhf_lib.comparisons import sample_k_completions
     from rlhf_lib.data.study import StudyData
-    from rlhf_lib.pipeline import cached_stage
 
     data = StudyData.load(paths.require("data") / "study")
-    sft_dir = paths.require("sft")
+    rows = [dict(r) for r in data.split("rm")]
+    samples = sample_k_completions(cfg, paths.require("sft") / "policy", rows, work / "completions.json", progress)
+    completions = samples.completions
+
+    # Labelers: calibrate the shared noise on these real samples, then measure agreement.
+    train_pop = lab.make_population(cfg.labelers, "train", seed=cfg.seed)
+    heldout_pop = lab.make_population(cfg.labelers, "heldout", seed=cfg.seed)
+    sigma, _ = lab.calibrate_noise(train_pop, rows, completions, target=cfg.labelers.target_agreement, seed=cfg.seed)
+    train_pop, heldout_pop = lab.with_noise(train_pop, sigma), lab.with_noise(heldout_pop, sigma)
+    report = lab.agreement(train_pop + heldout_pop, rows, completions, seed=cfg.seed + 1)
+    pd.DataFrame(report.to_rows()).assign(noise_scale=sigma).to_csv(out_dir / "agreement.csv", index=False)
+
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    n_held = max(1, round(len(rows) * cfg.reward.heldout_fraction))
+    held, trained = sorted(order[:n_held]), sorted(order[n_held:])
+
+    def label(indices: list[int], population: list, name: str) -> list[dict]:
+        pick = lambda values: [values[i] for i in indices]  # noqa: E731
+        return list(lab.label_comparisons(
+            pick(rows), pick(completions), pick(samples.sources), population, seed=cfg.seed,
+            out_path=work / f"{name}.jsonl", labelers_per_prompt=cfg.labelers.labelers_per_prompt,
+            temperatures_per_prompt=pick(samples.temperatures), ended_per_prompt=pick(samples.ended), progress=progress,
+        ))
+
+    tables = {
+        "comparisons_train.jsonl": label(trained, train_pop, "train_prompts_train_labelers"),
+        "comparisons_heldout_trainlabelers.jsonl": label(held, train_pop, "heldout_prompts_train_labelers"),
+        "comparisons_heldout_heldoutlabelers.jsonl": label(held, heldout_pop, "heldout_prompts_heldout_labelers"),
+    }
+    for name, table in tables.items():
+        pd.DataFrame(table).to_json(out_dir / name, orient="records", lines=True)
+    return tables
+
+
+def _train_cached_head_rms(
+    cfg: StudyConfig, paths, tables: dict[str, list[dict]], out_dir: Path, progress: bool
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """The CPU path: features from the frozen SFT model once, then the K-wise head, the shuffled-pairs
+    ablation and a learning curve, all on those features. Returns (timings, predictions)."""
+    from rlhf_lib.data.study import StudyData
+
+    data = StudyData.load(paths.require("data") / "study")
+    started = time.time()
+    rm = new_reward_model(cfg, paths.require("sft") / "policy", trainable=False)
+    layers = sorted({layer_index(rm.model, depth) for depth in cfg.reward.feature_layers})
+    demos = [(r["prompt"], r["reference"], True) for r in data.split("sft")]
+    hhh = list(data.hhh_pairs)
+    hhh_texts = [(p["prompt"], p[side], True) for p in hhh for side in ("chosen", "rejected")]
+    texts = [t for table in tables.values() for t in comparison_texts(table)] + demos + hhh_texts
+    table = build_feature_table(rm, texts, batch_size=cfg.reward.forward_batch, layers=layers, progress=progress)
+    timings = {"features_seconds": time.time() - started, "feature_rows": len(table.keys)}
+    units = {name: ranked_units(table, rows) for name, rows in tables.items()}
+    train_units = units["comparisons_train.jsonl"]
+
+    def scores_of(result: CachedHeadResult) -> torch.Tensor:
+        return table.features[result.layer] @ result.fit.weight + result.fit.intercept
+
+    predictions, selections = [], []
+    for mode in ("kwise", "pairwise"):
+        t0 = time.time()
+        result = train_cached_head(table.features, train_units, cfg.reward, seed=cfg.seed, mode=mode)
+        selections.append(result.selection)
+        result.fit.history.assign(mode=mode).to_csv(out_dir / f"train_history_{mode}.csv", index=False)
+        raw = scores_of(result)
+        bias = float(raw[[table.keys[d] for d in demos]].mean())  # demonstrations score a mean of 0
+        rm.head, rm.bias, rm.layer = head_from_fit(result.fit, rm.head), bias, result.layer
+        model_dir = out_dir / ("model" if mode == "kwise" else "model_pairwise")
+        rm.save(model_dir)
+        scores = raw - bias
+        sft_rows = [r for row, u in zip(tables["comparisons_train.jsonl"], train_units, strict=True)
+                    for r, source in zip(u.rows, row["completion_sources"], strict=True) if source == "sft"]
+        _add_meta(model_dir, method="cached_head", weight_decay=result.weight_decay, epochs=result.fit.best_epoch,
+                  layers_tried=layers,
+                  sft_score_std=float(scores[sorted(set(sft_rows))].std()) if len(set(sft_rows)) > 1 else 1.0)
+        timings[f"{mode}_seconds"] = time.time() - t0
+        for name, rows in tables.items():
+            per_row = [[float(scores[r]) for r in u.rows] for u in units[name]]
+            predictions.append(pd.DataFrame(_prediction_rows(rows, per_row, COMPARISON_SETS[name])).assign(mode=mode))
+        hhh_scores = scores[[table.keys[t] for t in hhh_texts]].view(-1, 2)
+        predictions.append(pd.DataFrame({
+            "set": [f"HHH human pairs/{p['subset']}" for p in hhh], "prompt_id": [p["id"] for p in hhh],
+            "labeler_id": "human", "score_chosen": hhh_scores[:, 0].tolist(), "score_rejected": hhh_scores[:, 1].tolist(),
+        }).assign(mode=mode))
+        if mode == "kwise":
+            timings["bias"] = bias
+    pd.concat(selections, ignore_index=True).to_csv(out_dir / "head_selection.csv", index=False)
+    learning_curve(table.features, units, cfg, out_dir / "learning_curve.csv")
+    torch.save({"keys": list(table.keys), "features": table.features}, out_dir / "features.pt")
+    return timings, pd.concat(predictions, ignore_index=True)
+
+
+def _add_meta(model_dir: Path, **values: Any) -> None:
+    meta_path = Path(model_dir) / META
+    meta = json.loads(meta_path.read_text())
+    meta.update(values)
+    from rlhf_lib.io import atomic_write_text
+
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
+
+
+def learning_curve(
+    features: Mapping[int, torch.Tensor], units: Mapping[str, Sequence[RankedUnit]], cfg: StudyConfig, out_file: Path
+) -> pd.DataFrame:
+    """Held-out RM accuracy of the K-wise head trained on growing shares of the training prompts.
+
+    Each share is a seeded prefix of the training prompts (all rankings of a prompt together); the L2
+    layer, strength and epochs are chosen on the validation split as for the full RM. Rising accuracy at 100%
+    says that more comparisons would still help.
+    """
+    train_units = units["comparisons_train.jsonl"]
+    prompt_ids = sorted({u.prompt_id for u in train_units})
+    random.Random(cfg.seed + 7).shuffle(prompt_ids)
+    rows = []
+    for fraction in LEARNING_CURVE_FRACTIONS:
+        chosen = set(prompt_ids[: max(2, round(len(prompt_ids) * fraction))])
+        subset = [u for u in train_units if u.prompt_id in chosen]
+        result = train_cached_head(features, subset, cfg.reward, seed=cfg.seed)
+        scores = features[result.layer] @ result.fit.weight + result.fit.intercept
+        for name, set_name in COMPARISON_SETS.items():
+            if name == "comparisons_train.jsonl":
+                continue
+            rows.append({"fraction": fraction, "train_prompts": len(chosen), "train_rankings": len(subset), "layer": result.layer,
+                         "set": set_name, "accuracy": pair_accuracy_of_units(scores, units[name]) * 100,
+                         "pairs": len(_pair_arrays(units[name])[0])})
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out_file, index=False)
+    return frame
+
+
+def _train_lora_rms(cfg: StudyConfig, paths, tables: dict[str, list[dict]], out_dir: Path, progress: bool) -> tuple[dict[str, float], pd.DataFrame]:
+    """The GPU path: LoRA on the SFT model + head, end to end, K-wise and the shuffled-pairs ablation."""
+    from rlhf_lib.data.study import StudyData
+
+    data = StudyData.load(paths.require("data") / "study")
+    train_cmp = tables["comparisons_train.jsonl"]
+    demos = [(r["prompt"], r["reference"]) for r in data.split("sft")]
+    timings: dict[str, float] = {}
+    predictions = []
+    for mode in ("kwise", "pairwise"):
+        result = train_reward_model(cfg, train_cmp, out_dir, demonstrations=demos, mode=mode, progress=progress,
+                                    init_dir=paths.require("sft") / "policy")
+        timings[f"{mode}_seconds"] = result.seconds
+        rm = RewardModel.load(result.model_dir)
+        sft_scores = [s for row in train_cmp for s, src in zip(
+            rm.score_texts([row["prompt"]] * len(row["completions"]), row["completions"], ended=row["completion_ended"]).tolist(),
+            row["completion_sources"], strict=True) if src == "sft"]
+        _add_meta(result.model_dir, method="lora", sft_score_std=float(np.std(sft_scores, ddof=1)) if len(sft_scores) > 1 else 1.0)
+        parts = [comparison_predictions(rm, rows, COMPARISON_SETS[name]) for name, rows in tables.items()]
+        parts.append(preference_pair_predictions(rm, list(data.hhh_pairs), "HHH human pairs"))
+        predictions.append(pd.concat(parts, ignore_index=True).assign(mode=mode))
+        if mode == "kwise":
+            timings["bias"] = result.bias
+        del rm
+    return timings, pd.concat(predictions, ignore_index=True)
+
+
+def run_reward_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
+    """Collect K-wise comparisons, calibrate the labelers, train the RM (and the shuffled-pairs ablation)
+    by `reward.method`, and save every prediction needed to recompute its accuracies. Cached per fingerprint.
+
+    An interrupted run keeps its sampled completions and labels in runs/<preset>/work-reward-<fp>/.
+    """
+    from rlhf_lib.pipeline import cached_stage
+
     work = paths.root / f"work-reward-{cfg.fingerprint('reward')}"
     with cached_stage(paths, "reward") as stage:
         if not stage.done:
-            rows = [dict(r) for r in data.split("rm")]
-            completions, sources = sample_k_completions(cfg, sft_dir / "policy", rows, work / "completions.json", progress)
-
-            # Labelers: calibrate the shared noise on these real samples, then measure agreement.
-            train_pop = lab.make_population(cfg.labelers, "train", seed=cfg.seed)
-            heldout_pop = lab.make_population(cfg.labelers, "heldout", seed=cfg.seed)
-            sigma, _ = lab.calibrate_noise(train_pop, rows, completions, target=cfg.labelers.target_agreement, seed=cfg.seed)
-            train_pop, heldout_pop = lab.with_noise(train_pop, sigma), lab.with_noise(heldout_pop, sigma)
-            report = lab.agreement(train_pop + heldout_pop, rows, completions, seed=cfg.seed + 1)
-            agreement_rows = pd.DataFrame(report.to_rows()).assign(noise_scale=sigma)
-            agreement_rows.to_csv(stage.dir / "agreement.csv", index=False)
-
-            # Held-out prompts: never trained on; ranked by training AND by held-out labelers.
-            order = list(range(len(rows)))
-            random.Random(cfg.seed).shuffle(order)
-            n_held = max(1, round(len(rows) * cfg.reward.heldout_fraction))
-            held, trained = sorted(order[:n_held]), sorted(order[n_held:])
-
-            def label(indices, population, name):
-                return list(
-                    lab.label_comparisons(
-                        [rows[i] for i in indices], [completions[i] for i in indices], [sources[i] for i in indices],
-                        population, seed=cfg.seed, out_path=work / f"{name}.jsonl", progress=progress,
-                    )
-                )
-
-            train_cmp = label(trained, train_pop, "train_prompts_train_labelers")
-            held_by_train = label(held, train_pop, "heldout_prompts_train_labelers")
-            held_by_heldout = label(held, heldout_pop, "heldout_prompts_heldout_labelers")
-            for name, table in (("comparisons_train.jsonl", train_cmp), ("comparisons_heldout_trainlabelers.jsonl", held_by_train),
-                                ("comparisons_heldout_heldoutlabelers.jsonl", held_by_heldout)):
-                pd.DataFrame(table).to_json(stage.dir / name, orient="records", lines=True)
-
-            demos = [(r["prompt"], r["reference"]) for r in data.split("sft")]
-            results = {}
-            for mode in ("kwise", "pairwise"):
-                results[mode] = train_reward_model(cfg, train_cmp, stage.dir, demonstrations=demos, mode=mode, progress=progress)
-
-            predictions = []
-            hhh = list(data.hhh_pairs)
-            for mode, result in results.items():
-                rm = RewardModel.load(result.model_dir)
-                parts = [
-                    comparison_predictions(rm, train_cmp, "train prompts / training labelers"),
-                    comparison_predictions(rm, held_by_train, "held-out prompts / training labelers"),
-                    comparison_predictions(rm, held_by_heldout, "held-out prompts / held-out labelers"),
-                    preference_pair_predictions(rm, hhh, "HHH human pairs"),
-                ]
-                predictions.append(pd.concat(parts, ignore_index=True).assign(mode=mode))
-                del rm
-            pd.concat(predictions, ignore_index=True).to_csv(stage.dir / "predictions.csv", index=False)
-            (stage.dir / "timing.json").write_text(
-                json.dumps({mode: r.seconds for mode, r in results.items()} | {"bias": results["kwise"].bias}, indent=1)
-            )
+            started = time.time()
+            tables = collect_comparisons(cfg, paths, work, stage.dir, progress)
+            sampled = time.time() - started
+            train = _train_cached_head_rms if cfg.reward.method == "cached_head" else _train_lora_rms
+            timings, predictions = train(cfg, paths, tables, stage.dir, progress)
+            predictions.to_csv(stage.dir / "predictions.csv", index=False)
+            timings |= {"method": cfg.reward.method, "comparisons_seconds": sampled, "total_seconds": time.time() - started}
+            (stage.dir / "timing.json").write_text(json.dumps(timings, indent=1))
     shutil.rmtree(work, ignore_errors=True)  # the samples and labels are in the published stage now
     return paths.stage("reward")
+
+
+def comparison_summary(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """What the RM learns from, per set: prompts, rankings, labelers per prompt, K, pairs, EOS share, sources."""
+    rows = []
+    for set_name, frame in comparisons.groupby("set", sort=False):
+        k = frame["completions"].map(len)
+        pairs = frame["ranks"].map(lambda r: len(ranked_pairs(r)))
+        ended = [e for flags in frame["completion_ended"] for e in flags]
+        mix = pd.Series([f"{s} T={t:g}" for srcs, temps in zip(frame["completion_sources"], frame["completion_temperatures"], strict=True)
+                         for s, t in zip(srcs, temps, strict=True)]).value_counts(normalize=True)
+        rows.append({"set": set_name, "prompts": frame["prompt_id"].nunique(), "rankings": len(frame),
+                     "labelers_per_prompt": round(len(frame) / max(1, frame["prompt_id"].nunique()), 2),
+                     "K_min": int(k.min()), "K_max": int(k.max()), "K_mean": round(float(k.mean()), 2),
+                     "untied_pairs": int(pairs.sum()), "ended_with_eos_%": round(100 * float(np.mean(ended)), 1),
+                     **{f"{name} %": round(100 * share, 1) for name, share in mix.sort_index().items()}})
+    return pd.DataFrame(rows)
+
+
+def load_comparisons(rm_dir: Path | str) -> pd.DataFrame:
+    """The reward stage's three comparison files in one table, with their set names in `set`."""
+    return pd.concat([pd.read_json(Path(rm_dir) / name, lines=True).assign(set=set_name)
+                      for name, set_name in COMPARISON_SETS.items()], ignore_index=True)
 
 
 def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:

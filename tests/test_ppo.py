@@ -27,15 +27,21 @@ from rlhf_lib.ppo import (
     build_optimizer,
     build_roles,
     clip_gradients,
+    collapse_reason,
     collect_rollout,
+    distinct_fraction,
+    effective_missing_eos_penalty,
     gae,
     iteration_prompts,
     learning_rate_at,
+    logprobs_and_entropy,
     masked_mean,
     masked_whiten,
     per_token_rewards,
     policy_loss,
     ppo_update,
+    select_checkpoint,
+    split_validation_prompts,
     train_ppo,
     value_loss,
 )
@@ -163,6 +169,90 @@ def test_adaptive_kl_moves_beta_towards_target_and_lr_warms_up():
     assert learning_rate_at(5, ppo, 2, "policy") == 1.0
 
 
+def test_adaptive_kl_beta_rises_above_target_falls_below_and_holds_at_it():
+    """Ziegler et al.: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * episodes / horizon."""
+    above, below, at = (KLController(0.02, adaptive=True, target=3.0, horizon=80) for _ in range(3))
+    above.update(current_kl=3.3, episodes=16)  # +10%, inside the clip
+    assert above.value == pytest.approx(0.02 * (1 + 0.1 * 16 / 80))
+    below.update(current_kl=0.5, episodes=16)  # -83%, clipped to -20%
+    assert below.value == pytest.approx(0.02 * (1 - 0.2 * 16 / 80))
+    at.update(current_kl=3.0, episodes=16)
+    assert at.value == pytest.approx(0.02)
+    # A KL stuck above the target keeps raising beta (the collapsed tiny run: 9.4 nats at a fixed 0.02).
+    for _ in range(40):
+        above.update(current_kl=9.4, episodes=16)
+    assert above.value > 0.02 * 1.04**39
+    # train_ppo's controller takes its horizon from the preset (tiny: 80 episodes, not Ziegler's 10,000).
+    ppo = load_preset("tiny").ppo
+    assert ppo.adaptive_kl and 0 < ppo.target_kl < 9.4 and ppo.kl_horizon < 10_000
+
+
+def test_collapse_guard_fires_on_a_constant_policy_and_not_on_a_healthy_one():
+    torch.manual_seed(0)
+    vocab, length = 50, 16
+
+    def stats(logits: torch.Tensor, lengths: list[int]) -> dict[str, float]:
+        tokens = logits.argmax(-1)
+        mask = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).float()
+        _, entropy = logprobs_and_entropy(logits, tokens, temperature=1.0)
+        return {"entropy": masked_mean(entropy, mask).item(), "response_length": mask.sum(1).mean().item()}
+
+    start = stats(torch.randn(4, length, vocab), [14, 12, 16, 13])
+    healthy = stats(torch.randn(4, length, vocab) * 1.2, [12, 15, 10, 14])  # a bit sharper, about as long
+    constant = torch.full((4, length, vocab), -30.0)
+    constant[..., 7] = 30.0  # one token, always: "No", "No", ...
+    collapsed = stats(constant, [2, 2, 2, 2])
+    assert collapse_reason(start, healthy, 0.5) is None
+    reason = collapse_reason(start, collapsed, 0.5)
+    assert reason is not None and "response length" in reason and "entropy" in reason
+    only_short = {**start, "response_length": start["response_length"] * 0.4}
+    assert "response length" in collapse_reason(start, only_short, 0.5) and "entropy" not in collapse_reason(start, only_short, 0.5)
+    assert collapse_reason(start, collapsed, 0.0) is None  # 0 = off
+
+
+def test_distinct_fraction_counts_one_answer_taking_over():
+    assert distinct_fraction(["A river.", "Two cats", "Yes", "no"]) == 1.0
+    assert distinct_fraction(["No", " No", "No\n", "Sure"]) == 0.5
+
+
+def test_checkpoint_selection_picks_the_best_allowed_validation_point():
+    def row(iteration, score, length, distinct):
+        return {"iteration": iteration, "score": score, "response_length": length, "distinct_fraction": distinct}
+
+    table = [
+        row(0, 0.00, 14.0, 1.00),
+        row(5, 0.30, 12.0, 0.94),
+        row(10, 0.90, 3.0, 1.00),   # highest score, but 3 < 0.5 x 14 tokens: collapsed
+        row(15, 0.80, 13.0, 0.50),  # one answer for half the prompts
+        row(20, 0.30, 11.0, 1.00),  # ties with 5: the earlier one wins
+        row(25, 0.20, 7.0, 1.00),   # exactly 0.5 x 14: allowed, but lower
+    ]
+    chosen, why = select_checkpoint(table, fraction=0.5)
+    assert chosen == 5 and "0.3000" in why
+    assert select_checkpoint(table, fraction=0.0)[0] == 10  # the length check off: only the distinct check
+    assert select_checkpoint(table[:1] + [row(5, 1.0, 2.0, 0.2)], fraction=0.5)[0] == 0  # the start can win
+    assert select_checkpoint([row(0, 0.0, 14.0, 0.5), row(5, 1.0, 14.0, 0.6)], 0.5)[0] is None
+    assert select_checkpoint([], 0.5)[0] is None
+
+
+def test_validation_prompts_are_a_seeded_choice_disjoint_from_rollouts():
+    prompts = [f"p{i}" for i in range(20)] + ["p3"]  # a duplicate goes wholly to one side
+    rollout, held = split_validation_prompts(prompts, 5, seed=0)
+    assert len(held) == 5 and not set(held) & set(rollout) and set(held) | set(rollout) == set(prompts)
+    assert split_validation_prompts(prompts, 5, seed=0) == (rollout, held)
+    assert split_validation_prompts(prompts, 5, seed=1)[1] != held
+    assert split_validation_prompts(prompts, 0, seed=0) == (prompts, [])
+    with pytest.raises(ValueError, match="validation_prompts"):
+        split_validation_prompts(prompts, 20, seed=0)
+
+
+def test_missing_eos_penalty_is_in_units_of_the_rms_sft_score_std():
+    ppo = micro_cfg(**{"ppo.missing_eos_penalty": 2.0}).ppo
+    assert effective_missing_eos_penalty(ppo, {"base_model": "micro", "sft_score_std": 0.25}) == pytest.approx(0.5)
+    with pytest.warns(UserWarning, match="sft_score_std"):
+        assert effective_missing_eos_penalty(ppo, {"base_model": "micro"}) == 2.0
+
+
 def test_policy_and_value_gradients_are_clipped_each_on_its_own():
     small, large = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([{"params": [small], "role": "policy"}, {"params": [large], "role": "value"}])
@@ -274,6 +364,14 @@ def test_first_minibatch_has_ratio_one_and_no_clipping_and_missing_eos_is_penali
     first = history[0]
     assert first["ratio_max_dev"] < 1e-5 and first["clip_frac"] == 0.0 and abs(first["approx_kl"]) < 1e-7
     assert max(h["ratio_max_dev"] for h in history[1:]) > 1e-4  # later minibatches see a moved policy
+
+
+def test_rollout_takes_the_penalty_in_score_units(micro_roles):
+    cfg, roles, tokenizer, rollout = micro_roles
+    assert not rollout.ended_with_eos.all()  # 4 tokens from a random model: the penalty applies
+    scaled = collect_rollout(roles, tokenizer, PROMPTS[:4], cfg, kl_beta=0.02, seed=0, missing_eos_penalty=3.0)
+    torch.testing.assert_close(scaled.rm_scores, rollout.rm_scores)
+    torch.testing.assert_close(scaled.scores, rollout.rm_scores - 3.0 * (~rollout.ended_with_eos).float())
 
 
 def test_policy_loss_decreases_on_a_fixed_batch(micro_roles):
@@ -407,7 +505,7 @@ def test_end_to_end_run_writes_metrics_samples_and_adapters(finished_run):
     assert result.iterations == 2 and [row["iteration"] for row in result.metrics] == [1.0, 2.0]
     header = result.metrics_csv.read_text().splitlines()[0].split(",")
     for column in ("score", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "policy_loss", "ptx_loss",
-                   "response_length", "explained_variance", "eos_rate", "time_s"):
+                   "response_length", "explained_variance", "eos_rate", "time_s", "distinct_fraction", "collapsed"):
         assert column in header
     samples = [json.loads(line) for line in result.samples_jsonl.read_text().splitlines()]
     assert {s["iteration"] for s in samples} == {1, 2} and {"prompt", "response", "score"} <= set(samples[0])
@@ -456,6 +554,97 @@ def test_interrupted_run_resumes_and_reproduces(finished_run, artifacts, tmp_pat
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
+def _scripted_validation(monkeypatch, scores: dict[int, float], crash_at: int | None = None):
+    """Real greedy validation, but with the score of each validation point taken from `scores` (the iteration
+    is read off the newest checkpoint, so it holds across a resume); optionally interrupted once at `crash_at`."""
+    import rlhf_lib.ppo as ppo_module
+
+    real, crashed = ppo_module.validate_policy, []
+
+    def scripted(roles, tokenizer, prompts, cfg, reward_fn, penalty):
+        stats = real(roles, tokenizer, prompts, cfg, reward_fn, penalty)
+        checkpoint = ppo_module.latest_checkpoint(scripted.out_dir)
+        iteration = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+        if iteration == crash_at and not crashed:
+            crashed.append(iteration)
+            raise KeyboardInterrupt
+        return {**stats, "score": scores[iteration], "distinct_fraction": 1.0}
+
+    monkeypatch.setattr(ppo_module, "validate_policy", scripted)
+    return scripted
+
+
+def test_validation_exports_the_chosen_iterate_and_survives_an_interrupted_validation(artifacts, tmp_path, monkeypatch):
+    import csv
+
+    from safetensors.torch import load_file
+
+    cfg = micro_cfg(**{"ppo.iterations": 3, "ppo.validation_prompts": 2, "ppo.validation_every": 2,
+                       "ppo.collapse_fraction": 0.0, "ppo.learning_rate": 1e-2})
+    scores = {0: 0.1, 2: 0.5, 3: 0.2}  # validated at 0, every 2nd, and the last
+    args = (cfg, artifacts / "sft", artifacts / "rm", PROMPTS, PROSE)
+    clean = _scripted_validation(monkeypatch, scores)
+    clean.out_dir = tmp_path / "clean"
+    done = train_ppo(*args, clean.out_dir, ptx=False, progress=False)
+    assert done.chosen_iteration == 2 and done.iterations == 3
+    rows = list(csv.DictReader(done.validation_csv.open()))
+    assert [int(r["iteration"]) for r in rows] == [0, 2, 3] and [r["best_so_far"] for r in rows] == ["True", "True", "False"]
+    meta = json.loads((done.policy_dir / "meta.json").read_text())
+    assert meta["chosen_iteration"] == 2 and meta["iterations"] == 3 and "validation" in meta["selection"]
+    chosen = load_file(str(done.policy_dir / "adapter_model.safetensors"))
+    last = load_file(str(done.out_dir / "policy_last" / "adapter_model.safetensors"))
+    assert chosen.keys() == last.keys() and any(not torch.equal(chosen[k], last[k]) for k in chosen)
+    result = json.loads((done.out_dir / "result.json").read_text())
+    assert result["chosen_iteration"] == 2 and result["stop_reason"] is None
+    # Validation prompts never appear in a rollout.
+    held = set(result["validation_prompt_list"])
+    assert len(held) == 2 and not held & {json.loads(x)["prompt"] for x in done.samples_jsonl.read_text().splitlines()}
+
+    # Interrupted inside the validation of iteration 2 (its checkpoint already written): the rerun redoes that
+    # validation before iteration 3, keeps the best copy across the resume and exports the same weights.
+    resumed = _scripted_validation(monkeypatch, scores, crash_at=2)
+    resumed.out_dir = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(*args, resumed.out_dir, ptx=False, progress=False)
+    again = train_ppo(*args, resumed.out_dir, ptx=False, progress=False)
+    assert again.chosen_iteration == 2
+    assert [int(r["iteration"]) for r in csv.DictReader(again.validation_csv.open())] == [0, 2, 3]
+    exported = load_file(str(again.policy_dir / "adapter_model.safetensors"))
+    assert all(torch.equal(exported[k], chosen[k]) for k in chosen)
+    assert [p.name for p in again.out_dir.glob("best-*")] == ["best-000002"]
+
+
+@pytest.mark.parametrize("action", ["stop", "flag"])
+def test_collapse_guard_stops_cleanly_or_flags(artifacts, tmp_path, monkeypatch, action):
+    import rlhf_lib.ppo as ppo_module
+
+    calls = []
+
+    def fires_from_the_second_rollout(start, current, fraction):
+        calls.append(dict(current))
+        return "mean response length 1 < 0.5 x its start value 4" if len(calls) >= 2 else None
+
+    monkeypatch.setattr(ppo_module, "collapse_reason", fires_from_the_second_rollout)
+    cfg = micro_cfg(**{"ppo.iterations": 3, "ppo.collapse_action": action})
+    run = lambda: train_ppo(cfg, artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=False, progress=False)  # noqa: E731
+    if action == "stop":
+        with pytest.warns(UserWarning, match="collapse guard at iteration 2"):
+            result = run()
+        # Iteration 2's rollout is logged, flagged and never trained on; the last iterate is iteration 1's.
+        assert result.iterations == 1 and [r["iteration"] for r in result.metrics] == [1.0, 2.0]
+        assert [r["collapsed"] for r in result.metrics] == [0.0, 1.0]
+        assert result.metrics[1]["policy_loss"] != result.metrics[1]["policy_loss"]  # NaN: no update
+        assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-000001"]
+        record = json.loads((tmp_path / "result.json").read_text())
+        assert "iteration 2" in record["stop_reason"] and record["collapsed_iterations"] == [2]
+        assert result.policy_dir.joinpath("adapter_model.safetensors").exists()
+    else:
+        result = run()
+        assert result.iterations == 3 and result.stop_reason is None
+        assert [r["collapsed"] for r in result.metrics] == [0.0, 1.0, 1.0]
+        assert all(r["policy_loss"] == r["policy_loss"] for r in result.metrics)  # every iteration trained
+
+
 def test_divergence_guard_fires_on_injected_nan_and_keeps_last_checkpoint(artifacts, tmp_path):
     calls = {"n": 0}
 
@@ -466,8 +655,8 @@ def test_divergence_guard_fires_on_injected_nan_and_keeps_last_checkpoint(artifa
             scores[0] = float("nan")
         return scores
 
-    with pytest.raises(PPODivergence, match="non-finite reward-model scores") as err:
-        train_ppo(micro_cfg(), artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=False,
+    with pytest.raises(PPODivergence, match="non-finite reward-model scores") as err:  # no validation: calls = rollouts
+        train_ppo(micro_cfg(**{"ppo.validation_prompts": 0}), artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=False,
                   reward_fn=reward_fn, progress=False)
     assert err.value.iteration == 2 and err.value.checkpoint.name == "checkpoint-000001"
     assert json.loads((tmp_path / "DIVERGED.json").read_text())["iteration"] == 2
@@ -611,3 +800,23 @@ def test_value_starts_as_the_normalised_rm(artifacts):
         scores = roles.reward_scores(enc["input_ids"], enc["attention_mask"])
     torch.testing.assert_close(values, scores, atol=1e-5, rtol=0)
     assert scores.abs().min() > 1e-3  # not trivially zero
+
+
+def test_health_figure_overlays_runs_and_marks_the_chosen_iteration(tmp_path):
+    import pandas as pd
+
+    from rlhf_lib import plots
+
+    def metrics(lengths, collapsed):
+        n = len(lengths)
+        return pd.DataFrame({"iteration": range(1, n + 1), "response_length": lengths, "distinct_fraction": [1.0] * n,
+                             "entropy": [3.0] * n, "collapsed": collapsed})
+
+    runs = {"PPO": metrics([14, 8, 2], [False, False, True]), "PPO-ptx": metrics([14, 13, 12], [False] * 3)}
+    validation = {"PPO": pd.DataFrame({"iteration": [0, 2], "score": [0.1, 0.4], "allowed": [True, False]}), "PPO-ptx": None}
+    png = plots.plot_ppo_health(runs, tmp_path / "health.png", validation, {"PPO": 0, "PPO-ptx": None})
+    data = pd.read_csv(png.with_suffix(".csv"))
+    assert png.exists() and set(data["run"]) == {"PPO", "PPO-ptx"}
+    picked = data[(data["source"] == "validation") & data["chosen"]]
+    assert picked["iteration"].tolist() == [0]
+    assert data[(data["source"] == "training") & data["collapsed"]]["iteration"].tolist() == [3]

@@ -123,3 +123,95 @@ def test_score_texts_batches_by_length_but_returns_input_order():
     batched = rm.score_texts(prompts, responses, batch_size=3)
     torch.testing.assert_close(batched, one_at_a_time, atol=1e-4, rtol=0)
     assert len(set(one_at_a_time.tolist())) == len(prompts)  # distinct scores, so an order mix-up would show
+
+
+# ---------------------------------------------------------------- the cheap path (cached features + head)
+
+
+def test_mean_response_pooling_averages_only_the_response_tokens():
+    from rlhf_lib import models
+
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float).view(2, 4, 1)  # row 0: 0..3, row 1: 4..7
+    attention = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    response = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])  # row 1 has no response token: its last token
+    pooled = models.pool_states(hidden, attention, response, "mean_response")
+    assert pooled.squeeze(1).tolist() == [2.5, 7.0]
+    assert models.pool_states(hidden, attention, response, "last").squeeze(1).tolist() == [3.0, 7.0]
+    rm = new_reward_model(load_preset("micro"))
+    batch = rm.encode(["Hi?", "A longer question here?"], ["Hello there", ""], ended=[True, False])
+    n_response = batch["response_mask"].sum(1).tolist()
+    assert n_response[0] == len(rm.tokenizer("Hello there", add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert n_response[1] == 0  # an empty, truncated answer has no response token: scored at the last one
+
+
+def test_a_truncated_answer_gets_no_eos():
+    rm = new_reward_model(load_preset("micro"))
+    eos = rm.tokenizer.eos_token_id
+    ended = rm.encode(["Hi?", "Hi?"], ["Hello there", "Hello there"], ended=[True, False])["input_ids"]
+    assert ended[0, -1].item() == eos
+    assert ended[1, -1].item() != eos
+    assert rm.encode(["Hi?"], ["Hello there"])["input_ids"][0, -1].item() == eos  # default: a finished answer
+
+
+def _linear_toy(n_prompts: int, k: int = 5, dim: int = 16, seed: int = 0):
+    """Features whose first coordinate is the utility; rankings by utility plus a little noise."""
+    from rlhf_lib.reward import RankedUnit
+
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_prompts * k, dim, generator=gen)
+    utility = features[:, 0] + 0.03 * torch.randn(n_prompts * k, generator=gen)
+    units = []
+    for p in range(n_prompts):
+        rows = list(range(p * k, (p + 1) * k))
+        order = sorted(rows, key=lambda r: -utility[r].item())
+        units.append(RankedUnit(f"p{p}", rows, [order.index(r) for r in rows]))
+    return features, units
+
+
+@pytest.mark.parametrize("mode", ["kwise", "pairwise"])
+def test_cached_head_learns_a_preference_linear_in_one_feature(mode):
+    from rlhf_lib.reward import pair_accuracy_of_units, train_cached_head
+
+    features, units = _linear_toy(60)
+    train, held = units[:40], units[40:]
+    rc = load_preset("micro", {"reward.head_max_epochs": 60, "reward.head_patience": 10}).reward
+    noise = torch.randn(features.shape, generator=torch.Generator().manual_seed(1))  # a layer that knows nothing
+    result = train_cached_head({3: noise, 7: features}, train, rc, seed=0, mode=mode)
+    assert result.layer == 7  # chosen on the validation split of the training prompts
+    scores = features @ result.fit.weight + result.fit.intercept
+    assert pair_accuracy_of_units(scores, held) > 0.9
+    assert set(result.selection["weight_decay"]) == set(rc.head_weight_decays) and result.selection["chosen"].sum() == 1
+    # The head found the feature that matters: its weight dominates the 15 irrelevant ones.
+    assert result.fit.weight[0].abs() > 3 * result.fit.weight[1:].abs().max()
+
+
+def test_kwise_loss_of_units_is_the_mean_of_each_rankings_kwise_loss():
+    from rlhf_lib.reward import RankedUnit, kwise_loss_of_units
+
+    scores = torch.tensor([2.0, 0.5, -1.0, 0.0, 1.0, 3.0])
+    units = [RankedUnit("a", [0, 1, 2, 3], [0, 2, 3, 1]), RankedUnit("b", [4, 5], [1, 0])]
+    expected = (kwise_loss(scores[:4], [0, 2, 3, 1]) + kwise_loss(scores[4:], [1, 0])) / 2
+    assert kwise_loss_of_units(scores, units).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_cached_features_give_the_saved_rms_scores(tmp_path):
+    """The head is fitted on cached features; the saved RM must score texts exactly as those features do."""
+    from rlhf_lib.reward import build_feature_table, head_from_fit, ranked_units, train_cached_head
+
+    cfg = load_preset("micro", {"reward.head_max_epochs": 5})
+    rm = new_reward_model(cfg, trainable=False)
+    rows = _toy_comparisons(4)
+    for row in rows:
+        row["completion_ended"] = [True, False, True, True]
+    texts = [(r["prompt"], c, e) for r in rows for c, e in zip(r["completions"], r["completion_ended"], strict=True)]
+    table = build_feature_table(rm, texts, batch_size=3, layers=[1, 2], progress=False)
+    result = train_cached_head(table.features, ranked_units(table, rows), cfg.reward, seed=0)
+    fit = result.fit
+    rm.head, rm.bias, rm.layer = head_from_fit(fit, rm.head), 0.25, result.layer
+    rm.save(tmp_path / "rm")
+    loaded = RewardModel.load(tmp_path / "rm")
+    row = rows[0]
+    saved_scores = loaded.score_texts([row["prompt"]] * 4, row["completions"], ended=row["completion_ended"])
+    assert loaded.layer == result.layer and loaded.pooling == "mean_response"
+    cached = table.features[result.layer][table.rows(row["prompt"], row["completions"], row["completion_ended"])] @ fit.weight
+    torch.testing.assert_close(saved_scores, cached + fit.intercept - 0.25, atol=1e-4, rtol=0)

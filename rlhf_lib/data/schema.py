@@ -65,6 +65,8 @@ COMPARISON_FEATURES = Features(
         "prompt": Value("string"),
         "completions": Sequence(Value("string")),
         "completion_sources": Sequence(Value("string")),  # e.g. "base", "sft", "demonstration"
+        "completion_temperatures": Sequence(Value("float32")),  # sampling temperature (-1: unknown, e.g. not sampled)
+        "completion_ended": Sequence(Value("bool")),  # ended with EOS (False: cut at the token budget)
         "ranks": Sequence(Value("int32")),
         "likert": Sequence(Value("int32")),  # 1..7 per completion
         "labeler_id": Value("string"),
