@@ -896,6 +896,37 @@ def load_comparisons(rm_dir: Path | str) -> pd.DataFrame:
                       for name, set_name in COMPARISON_SETS.items()], ignore_index=True)
 
 
+def accuracy_ceilings(cfg: StudyConfig, rm_dir: Path | str, prompt_rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Where an RM's held-out accuracy must stop: accuracy tables (as `accuracy_table`) of two noise-free judges
+    built from the training-labeler population, on the same held-out comparisons as the RM.
+
+    - "population utility": the mean of the training labelers' noise-free utilities, which sees everything they
+      do (the reference answer included). No RM trained on these labels can expect to beat it: the rest is the
+      labelers' noise.
+    - "population utility without the reference": the same, blind to the reference-agreement criterion as any RM
+      is (it never sees the reference answer). An RM must infer that part from the prompt and the completion.
+    """
+    import dataclasses
+
+    from rlhf_lib import labelers as lab
+
+    population = lab.make_population(cfg.labelers, "train", seed=cfg.seed)
+    blind = [dataclasses.replace(labeler, weights={**labeler.weights, "reference": 0.0}) for labeler in population]
+    rows_by_id = {str(r["id"]): r for r in prompt_rows}
+    comparisons = load_comparisons(rm_dir)
+    comparisons = comparisons[comparisons["set"].str.startswith("held-out")]
+    parts = []
+    for judge_name, judges in (("population utility", population), ("population utility without the reference", blind)):
+        cache: dict[str, np.ndarray] = {}
+        for record in comparisons.to_dict(orient="records"):
+            prompt_id = str(record["prompt_id"])
+            if prompt_id not in cache:
+                scores = lab.score_completions(rows_by_id[prompt_id], record["completions"])
+                cache[prompt_id] = np.mean([j.utilities_from_scores(rows_by_id[prompt_id], scores) for j in judges], axis=0)
+            parts.append(pd.DataFrame(_prediction_rows([record], [cache[prompt_id].tolist()], record["set"])).assign(mode=judge_name))
+    return accuracy_table(pd.concat(parts, ignore_index=True))
+
+
 def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
     """Accuracy with bootstrap 95% intervals per (mode, set), from saved predictions."""
     from rlhf_lib.evaluation.generalization import rm_accuracy_table

@@ -473,3 +473,25 @@ def test_label_comparisons_validates_inputs(populations):
         L.label_comparisons(rows[:1], [["only one"]], [["sft"]], populations[0], progress=False)
     with pytest.raises(ValueError, match="sources"):
         L.label_comparisons(rows[:1], completions[:1], [["sft"]], populations[0], progress=False)
+
+
+def test_accuracy_ceilings_see_through_noise_free_labels(tmp_path):
+    """Noise-free rankings by the training population itself: its mean utility predicts them far above chance,
+    and blinding it to the reference costs accuracy (the reference criterion carries real weight)."""
+    import pandas as pd
+
+    from rlhf_lib.config import load_preset
+    from rlhf_lib.reward import COMPARISON_SETS, accuracy_ceilings
+
+    cfg = load_preset("micro")
+    rows, completions, sources = synthetic_set(seed=3, copies=2)
+    population = L.with_noise(L.make_population(cfg.labelers, "train", seed=cfg.seed), 0.0)
+    ranked = L.label_comparisons(rows, completions, sources, population, seed=0, progress=False).to_list()
+    for name in COMPARISON_SETS:
+        pd.DataFrame(ranked).to_json(tmp_path / name, orient="records", lines=True)
+    table = accuracy_ceilings(cfg, tmp_path, rows)
+    assert set(table["mode"]) == {"population utility", "population utility without the reference"}
+    assert len(table) == 4 and (table["n"] == len(rows)).all()  # two held-out sets per judge, resampled by prompt
+    full = table[table["mode"] == "population utility"]["value"]
+    blind = table[table["mode"] == "population utility without the reference"]["value"]
+    assert (full > 0.8).all() and (blind.to_numpy() < full.to_numpy()).all()
