@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -356,15 +357,13 @@ def _check_consistency(cfg: StudyConfig, source: str) -> None:
         raise ConfigError(f"{source}: 'labelers.k_min' ({cfg.labelers.k_min}) exceeds 'labelers.k_max' ({cfg.labelers.k_max}).")
     if cfg.labelers.labelers_per_prompt > min(cfg.labelers.train_labelers, cfg.labelers.heldout_labelers):
         raise ConfigError(f"{source}: 'labelers.labelers_per_prompt' exceeds the size of a labeler population.")
-    temps = cfg.reward.temperatures
-    if not temps or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 5 for t in temps):
-        raise ConfigError(f"{source}: 'reward.temperatures' must be a non-empty list of numbers in (0, 5], got {temps!r}.")
-    depths = cfg.reward.feature_layers
-    if not depths or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 1 for d in depths):
-        raise ConfigError(f"{source}: 'reward.feature_layers' must be a non-empty list of fractions in (0, 1], got {depths!r}.")
-    decays = cfg.reward.head_weight_decays
-    if not decays or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d >= 0 for d in decays):
-        raise ConfigError(f"{source}: 'reward.head_weight_decays' must be a non-empty list of numbers >= 0, got {decays!r}.")
+    for key, low, high, low_open in (("temperatures", 0.0, 5.0, True), ("feature_layers", 0.0, 1.0, True),
+                                     ("head_weight_decays", 0.0, math.inf, False)):
+        values = getattr(cfg.reward, key)
+        numbers = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not numbers or not all((v > low if low_open else v >= low) and v <= high for v in values):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise ConfigError(f"{source}: 'reward.{key}' must be a non-empty list of numbers in {bounds}, got {values!r}.")
     if cfg.ppo.minibatch > cfg.ppo.rollout_batch:
         raise ConfigError(f"{source}: 'ppo.minibatch' ({cfg.ppo.minibatch}) exceeds 'ppo.rollout_batch' ({cfg.ppo.rollout_batch}).")
     if cfg.ppo.rollout_batch % cfg.ppo.minibatch:

@@ -66,3 +66,12 @@ def test_a_table_override_changes_its_knobs_and_keeps_the_rest_of_the_preset():
     assert nested.ppo.learning_rate == 1e-3 and nested.seed == 3
     for name in ("rollout_batch", "minibatch", "ppo_epochs", "iterations"):
         assert getattr(nested.ppo, name) == getattr(preset.ppo, name), name
+
+
+@pytest.mark.parametrize("key, bad", [
+    ("reward.temperatures", []), ("reward.temperatures", [0.0]), ("reward.temperatures", [True]),
+    ("reward.feature_layers", [1.5]), ("reward.head_weight_decays", [-1.0]), ("labelers.labelers_per_prompt", 4),
+])
+def test_reward_lists_and_labelers_per_prompt_are_checked(key, bad):
+    with pytest.raises(ConfigError, match=key.split(".")[1]):
+        load_preset("micro", {key: bad})
