@@ -523,6 +523,8 @@ def fit_head(
             batches = list(pair_order.split(pair_batch))
         total = 0.0
         for batch in batches:
+            if len(batch) == 0:  # a batch of rankings that are all ties: no pair, no signal
+                continue
             pair_loss = -F.logsigmoid(diffs[batch] @ theta)
             if mode == "kwise":  # mean over the batch's units of each unit's mean pair loss
                 weights = 1.0 / pairs_per_unit[unit_of[batch]]

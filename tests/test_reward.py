@@ -185,6 +185,17 @@ def test_cached_head_learns_a_preference_linear_in_one_feature(mode):
     assert result.fit.weight[0].abs() > 3 * result.fit.weight[1:].abs().max()
 
 
+def test_rankings_that_are_all_ties_do_not_break_the_head_fit():
+    from rlhf_lib.reward import RankedUnit, fit_head
+
+    features, units = _linear_toy(8)
+    tied = [RankedUnit(f"t{i}", u.rows, [0] * len(u.rows)) for i, u in enumerate(units)]
+    fit = fit_head(features, tied[:4] + units, [], weight_decay=0.1, learning_rate=1e-2, batch_prompts=2,
+                   max_epochs=3, patience=1)
+    assert torch.isfinite(fit.weight).all() and fit.weight[0] > 0
+    assert fit.history["train_loss"].notna().all()  # an all-tied batch used to log 0/0
+
+
 def test_kwise_loss_of_units_is_the_mean_of_each_rankings_kwise_loss():
     from rlhf_lib.reward import RankedUnit, kwise_loss_of_units
 
