@@ -81,7 +81,7 @@ def sample_k_completions(
             slots = [(i, j) for i, plan in enumerate(plans) for j, s in enumerate(plan) if s == (source, temperature)]
             if not slots:
                 continue
-            # Prompts of similar length share a batch: less padding, same samples (each batch is seeded).
+            # Prompts of similar length share a batch: less padding; still deterministic (each batch is seeded).
             slots.sort(key=lambda slot: len(formatted[slot[0]]))
             kwargs = dict(max_new_tokens=gen.max_new_tokens, temperature=temperature, top_p=gen.top_p,
                           batch_size=gen.batch_size, seed=cfg.seed * 10 + source_index * 100 + temperature_index,
