@@ -264,6 +264,12 @@ def _reward_minutes(results_dir: Path, reward_dir: Path | None) -> tuple[dict[st
     entry = {"value": float(seconds) / 60.0, "low": None, "high": None, "n": 1, "unit": "minutes",
              "higher_is_better": False, "description": SPECS["reward_stage_minutes"].description, "interval": "none",
              "no_interval_reason": "one timed run; wall clock on a shared machine varies from run to run"}
+    timing = reward_dir / "timing.json" if reward_dir is not None else None
+    if timing is not None and timing.exists():
+        # Where the time went (sampling, features, fits): a stage that reused earlier samples shows it here.
+        parts = json.loads(timing.read_text())
+        entry["parts_minutes"] = {key.removesuffix("_seconds"): round(float(value) / 60.0, 2) for key, value in parts.items()
+                                  if key.endswith("_seconds") and isinstance(value, (int, float))}
     return {"reward_stage_minutes": entry}, source
 
 

@@ -161,6 +161,7 @@ def test_written_findings_validate_and_hold_the_right_numbers(tmp_path):
     reward = tmp_path / "reward"
     reward.mkdir()
     (reward / "DONE.json").write_text(json.dumps({"seconds": 600.0}))
+    (reward / "timing.json").write_text(json.dumps({"comparisons_seconds": 3.0, "features_seconds": 240.0, "bias": 0.1}))
     path = write_findings(results, reward_dir=reward, n_resamples=500)
     assert path == results / FINDINGS_FILE
     record = json.loads(path.read_text())
@@ -188,6 +189,7 @@ def test_written_findings_validate_and_hold_the_right_numbers(tmp_path):
     assert length["low"] < length["value"] < length["high"]
     minutes = record["reward_stage_minutes"]
     assert minutes["value"] == 10.0 and minutes["low"] is None and minutes["no_interval_reason"]  # DONE.json first
+    assert minutes["parts_minutes"] == {"comparisons": 0.05, "features": 4.0}  # where the time went; bias is no time
 
     # Without the reward stage, run_record.json's copy of its seconds is used.
     assert build_findings(results, n_resamples=100)["reward_stage_minutes"]["value"] == 20.0
