@@ -495,3 +495,24 @@ def test_accuracy_ceilings_see_through_noise_free_labels(tmp_path):
     full = table[table["mode"] == "population utility"]["value"]
     blind = table[table["mode"] == "population utility without the reference"]["value"]
     assert (full > 0.8).all() and (blind.to_numpy() < full.to_numpy()).all()
+
+
+def test_several_labelers_rank_each_prompt_with_their_own_noise(tmp_path, populations):
+    rows, completions, sources = synthetic_set(seed=7, copies=1)
+    noisy = L.with_noise(populations[0], 0.3)
+    ended = [[i % 2 == 0 for i in range(len(c))] for c in completions]
+    out = tmp_path / "cmp.jsonl"
+    data = L.label_comparisons(rows, completions, sources, noisy, seed=2, out_path=out, labelers_per_prompt=3,
+                               ended_per_prompt=ended, progress=False).to_list()
+    assert len(data) == 3 * len(rows)
+    for row in rows:
+        mine = [r for r in data if r["prompt_id"] == row["id"]]
+        assert len({r["labeler_id"] for r in mine}) == 3  # three different labelers
+        assert len({tuple(r["ranks"]) for r in mine}) > 1 or len(mine[0]["completions"]) < 3  # their own noise
+        assert all(r["completion_ended"] == ended[rows.index(row)] for r in mine)
+        assert all(t == -1.0 for r in mine for t in r["completion_temperatures"])  # unknown when not given
+    again = L.label_comparisons(rows, completions, sources, noisy, seed=2, out_path=out, labelers_per_prompt=3,
+                                ended_per_prompt=ended, progress=False).to_list()
+    assert again == data and len(out.read_text().splitlines()) == len(data)  # resumed, nothing relabelled
+    with pytest.raises(ValueError, match="labelers_per_prompt"):
+        L.label_comparisons(rows, completions, sources, noisy[:2], labelers_per_prompt=3, progress=False)
