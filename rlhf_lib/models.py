@@ -509,9 +509,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def hidden_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """[batch, seq, hidden] hidden states after block `layer` (an index into `hidden_states`: 0 = embeddings,
-    -1 = the last layer, after the final norm)."""
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every layer's hidden states [batch, seq, hidden] of one forward pass (0 = embeddings, -1 = the last layer,
+    after the final norm), with positions counted over attended tokens so left padding shifts nothing."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -520,7 +520,12 @@ def hidden_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         use_cache=False,
         logits_to_keep=1,  # only the hidden states are needed; skip the LM head over every position
     )
-    return out.hidden_states[layer]
+    return out.hidden_states
+
+
+def hidden_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """[batch, seq, hidden] hidden states after block `layer` (an index into `hidden_states`)."""
+    return hidden_states(model, input_ids, attention_mask)[layer]
 
 
 def scalar_outputs(

@@ -133,12 +133,9 @@ class RewardModel:
         """[len(layers), B, H] pooled hidden states of each layer (default: this RM's): what the head reads."""
         batch = self.encode(prompts, responses, ended)
         mask = batch["attention_mask"]
-        out = self.model(
-            input_ids=batch["input_ids"], attention_mask=mask, position_ids=models.position_ids_from_mask(mask),
-            output_hidden_states=True, use_cache=False, logits_to_keep=1,
-        )
+        states = models.hidden_states(self.model, batch["input_ids"], mask)
         layers = [self.layer] if layers is None else list(layers)
-        pooled = [models.pool_states(out.hidden_states[i], mask, batch["response_mask"], self.pooling) for i in layers]
+        pooled = [models.pool_states(states[i], mask, batch["response_mask"], self.pooling) for i in layers]
         return torch.stack(pooled).to(self.head.linear.weight.dtype)
 
     def raw_scores(self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None) -> torch.Tensor:
