@@ -629,18 +629,23 @@ def comparison_predictions(rm: RewardModel, comparisons: Sequence[dict], set_nam
     return pd.DataFrame(_prediction_rows(comparisons, scores, set_name))
 
 
-def preference_pair_predictions(rm: RewardModel, pairs: Sequence[dict], set_name: str = "hhh") -> pd.DataFrame:
-    """RM scores on human preference pairs (PREFERENCE_PAIR_FEATURES rows)."""
-    prompts = [p["prompt"] for p in pairs]
-    chosen = rm.score_texts(prompts, [p["chosen"] for p in pairs]).tolist()
-    rejected = rm.score_texts(prompts, [p["rejected"] for p in pairs]).tolist()
+def preference_pair_predictions(
+    rm: RewardModel | None, pairs: Sequence[dict], set_name: str = "hhh",
+    scores: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> pd.DataFrame:
+    """RM scores on human preference pairs (PREFERENCE_PAIR_FEATURES rows); `scores` = (chosen, rejected) when
+    they were already computed (the cached-head path), else `rm` scores the texts."""
+    if scores is None:
+        prompts = [p["prompt"] for p in pairs]
+        scores = (rm.score_texts(prompts, [p["chosen"] for p in pairs]).tolist(),
+                  rm.score_texts(prompts, [p["rejected"] for p in pairs]).tolist())
     return pd.DataFrame(
         {
             "set": [f"{set_name}/{p['subset']}" for p in pairs],
             "prompt_id": [p["id"] for p in pairs],
             "labeler_id": "human",
-            "score_chosen": chosen,
-            "score_rejected": rejected,
+            "score_chosen": list(scores[0]),
+            "score_rejected": list(scores[1]),
         }
     )
 
@@ -772,10 +777,8 @@ def _train_cached_head_rms(
             per_row = [[float(scores[r]) for r in u.rows] for u in units[name]]
             predictions.append(pd.DataFrame(_prediction_rows(rows, per_row, COMPARISON_SETS[name])).assign(mode=mode))
         hhh_scores = scores[[table.keys[t] for t in hhh_texts]].view(-1, 2)
-        predictions.append(pd.DataFrame({
-            "set": [f"HHH human pairs/{p['subset']}" for p in hhh], "prompt_id": [p["id"] for p in hhh],
-            "labeler_id": "human", "score_chosen": hhh_scores[:, 0].tolist(), "score_rejected": hhh_scores[:, 1].tolist(),
-        }).assign(mode=mode))
+        predictions.append(preference_pair_predictions(
+            None, hhh, "HHH human pairs", scores=(hhh_scores[:, 0].tolist(), hhh_scores[:, 1].tolist())).assign(mode=mode))
         if mode == "kwise":
             timings["bias"] = bias
     pd.concat(selections, ignore_index=True).to_csv(out_dir / "head_selection.csv", index=False)
