@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,29 @@ def isolated_cache(tmp_path: Path, monkeypatch) -> Path:
     """A private RLHF_CACHE_DIR, for tests that corrupt or rebuild the cache."""
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def bigbench_tasks(tmp_path_factory) -> Iterator[Path]:
+    """The BIG-bench tasks a whole-study test reads: the real ones when they can be had (cached, downloadable,
+    or a checkout in $RLHF_BIGBENCH_TASKS), else a fixture tree in the real formats, named by the same variable
+    so that notebook kernels inherit it. The PyPI sdist was delisted in 2026-12, so a fresh machine gets the
+    fixture tree: the study's code paths run, on fixture text."""
+    import warnings
+
+    from bigbench_fixture import write_bigbench_tree
+
+    from rlhf_lib.data import bigbench
+    from rlhf_lib.data.schema import DataError
+
+    try:
+        yield bigbench.ensure_bigbench_tasks()
+        return
+    except DataError as err:
+        warnings.warn(f"real BIG-bench unavailable, whole-study tests read a fixture tree: {str(err).splitlines()[0]}",
+                      stacklevel=1)
+    root = write_bigbench_tree(tmp_path_factory.mktemp("bigbench") / "benchmark_tasks", n=24)
+    patch = pytest.MonkeyPatch()
+    patch.setenv(bigbench.TASKS_DIR_ENV, str(root))
+    yield root
+    patch.undo()

@@ -11,12 +11,14 @@ import gzip
 import io
 import json
 import random
+import shutil
 import tarfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from bigbench_fixture import _task, _words, write_bigbench_tree
 
 from rlhf_lib.config import load_preset
 from rlhf_lib.data import bigbench, hub
@@ -34,150 +36,6 @@ from rlhf_lib.data.splits import check_no_leakage, make_splits, near_duplicate_g
 from rlhf_lib.data.study import StudyData, build_data_stage, build_study_data, category_mix_table
 from rlhf_lib.models import sha256_file
 from rlhf_lib.pipeline import RunPaths
-
-CANARY = "fixture canary: stands where BIG-bench files carry their canary string"
-WORDS = (
-    "river stone garden lamp violin harbor maple cloud ticket pepper engine silver window forest candle "
-    "orbit meadow copper lantern puzzle marble falcon canyon velvet signal harvest compass ember glacier"
-).split()
-
-
-def _words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
-def _write_json(path: Path, data: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-    return path
-
-
-def _task(examples: list[dict], **extra: object) -> dict:
-    return {"canary": CANARY, "name": "fixture", "description": "fixture task", "keywords": [], **extra, "examples": examples}
-
-
-def write_bigbench_tree(root: Path, n: int = 12, seed: int = 0) -> Path:
-    """A miniature benchmark_tasks/ tree with every task this study parses, in BIG-bench's real formats."""
-    rng = random.Random(seed)
-    ni = root / "natural_instructions"
-    _write_json(ni / "task.json", {"canary": CANARY, "name": "natural_instructions", "description": "61 tasks"})
-    prefix = "Definition: In this task you answer questions about a passage. Things to Avoid: guessing. Prompt: "
-    _write_json(
-        ni / "subtask002_quoref_answer_generation" / "task.json",
-        _task(
-            [{"input": f"Passage: {_words(rng, 30)}. \nQuestion: Who {_words(rng, 4)}?", "target": [f"{_words(rng, 2)}."]} for _ in range(n)],
-            task_prefix=prefix + "Answer the given question. Your answer must be a single span in the passage.",
-        ),
-    )
-    _write_json(
-        ni / "subtask018_mctaco_temporal_reasoning_presence" / "task.json",
-        _task(
-            [{"input": f"Sentence: {_words(rng, 12)}. \nQuestion: How long {_words(rng, 3)}?", "target": [rng.choice(["Yes.", "No."])]} for _ in range(n)],
-            task_prefix=prefix + "Do you think the given question needs temporal understanding?",
-        ),
-    )
-    _write_json(
-        ni / "subtask059_ropes_story_generation" / "task.json",
-        _task(
-            [{"input": f"Background Paragraph: {_words(rng, 25)}.", "target": [f"{_words(rng, 20)}."]} for _ in range(n)],
-            task_prefix=prefix + "Write a story regarding the provided background paragraph.",
-        ),
-    )
-    _write_json(
-        ni / "subtask045_miscellaneous_sentence_paraphrasing" / "task.json",
-        _task(
-            [{"input": f"Sentence: {_words(rng, 10)}.", "target": [f"{_words(rng, 10)}.", "x"]} for _ in range(n)],
-            task_prefix=prefix + "Generate a paraphrase of the given sentence in the input.",
-        ),
-    )
-    examples = []
-    for conv in range(n):
-        turns = [f'"{_words(rng, 6)}"' for _ in range(7)]
-        for k in range(6):
-            speakers = ["agent_A", "agent_B"] if k % 2 == 0 else ["agent_B", "agent_A"]
-            history = " ".join(f"{speakers[i % 2]}: {turns[i]}" for i in range(k + 1))
-            examples.append({"input": history, "target": turns[k + 1], "comment": f"t_{conv}"})
-    _write_json(root / "topical_chat" / "task.json", _task(examples, example_output_prefix=" agent_B: "))
-    _write_json(
-        root / "rephrase" / "task.json",
-        _task([{"input": f"{_words(rng, 8)}. \nKeyword: {rng.choice(WORDS)}", "target": [f"{_words(rng, 8)}."]} for _ in range(n)]),
-    )
-    tense_rows = [{"input": f"{_words(rng, 6)}. Change tense to SIMPLE PAST: ", "target": f"{_words(rng, 6)}."} for _ in range(n)]
-    tense_rows.append({"input": "He is riding a horse.: ", "task_prefix": "FUTURE CONTINUOUS", "target": "He will be riding a horse."})
-    _write_json(root / "tense" / "task.json", _task(tense_rows))
-    _write_json(
-        root / "goal_step_wikihow" / "step_inference" / "task.json",
-        _task([{"input": f"The most reasonable step of '{_words(rng, 4)}' is ", "target_scores": {_words(rng, 3): 0, _words(rng, 4): 1}} for _ in range(n)]),
-    )
-    for name in ("general_knowledge", "known_unknowns"):
-        _write_json(
-            root / name / "task.json",
-            _task([{"input": f"How many {_words(rng, 4)}?", "target_scores": {"two": 0, _words(rng, 1): 1}} for _ in range(n)]),
-        )
-    _write_json(
-        root / "qa_wikidata" / "task.json",
-        _task([{"input": f"The country of {_words(rng, 3)} is", "target": rng.choice(["France", ["Spain", "Italy"]])} for _ in range(n)]),
-    )
-    _write_json(
-        root / "misconceptions" / "task.json",
-        _task([{"input": f"{_words(rng, 8)}.", "target_scores": {"T": 1, "F": 0}} for _ in range(n)], task_prefix="Is the following statement true or false?"),
-    )
-    intents = ["add_to_playlist", "book_restaurant", "get_weather"]
-    _write_json(
-        root / "intent_recognition" / "task.json",
-        _task([{"input": f"Utterance: {_words(rng, 7)}.", "target_scores": {k: int(k == intents[i % 3]) for k in intents}} for i in range(n)]),
-    )
-    _write_json(
-        root / "emojis_emotion_prediction" / "task.json",
-        _task([{"input": chr(0x1F600 + i), "target_scores": {"joy": 0.7, "anger": 0.1, "fear": 0.0}} for i in range(n)]),
-    )
-    _write_json(
-        root / "irony_identification" / "task.json",
-        _task([{"input": f"{_words(rng, 9)}.", "target_scores": {"ironic": 1, "not ironic": 0}} for _ in range(n)]),
-    )
-    _write_json(
-        root / "disfl_qa" / "task.json",
-        _task([{"input": f"What {_words(rng, 5)} no I mean {_words(rng, 2)} ?  \ncontext: {_words(rng, 40)} .", "target": _words(rng, 2)} for _ in range(n)]),
-    )
-    lines = ["# " + CANARY[:40], "# canary"]
-    lines += [json.dumps({"source": f"{_words(rng, 60)}.", "idx": str(i), "true_cnd": f"{_words(rng, 12)}.", "list_candidates": [], "lbl": 0}) for i in range(n)]
-    (root / "factuality_of_summary").mkdir(parents=True)
-    (root / "factuality_of_summary" / "xsum.json").write_text("\n".join(lines) + "\n")
-    # Evaluation sets.
-    questions = [
-        {
-            "Question": f"What happens if {_words(rng, 5)}?",
-            "Category": "Misconceptions",
-            "True answers": ["Nothing happens.", f"{_words(rng, 4)}."],
-            "False answers": [f"{_words(rng, 4)}.", "You die."],
-            "Best answer": "Nothing happens.",
-        }
-        for _ in range(n)
-    ]
-    _write_json(root / "truthful_qa" / "questions.json", {"canary": CANARY, "prefix": "Q: ...", "examples": questions})
-    mc = [{"input": q["Question"], "target_scores": {q["Best answer"]: 1, q["False answers"][0]: 0, q["False answers"][1]: 0}} for q in questions]
-    _write_json(root / "truthful_qa" / "task_mc.json", _task(mc))
-    for subset, count in zip(bigbench.HHH_SUBSETS, (3, 2, 2, 1), strict=True):
-        rows = [{"input": f"{subset} request {i}: {_words(rng, 6)}", "target_scores": {f"good {i}": 1, f"bad {i}": 0}} for i in range(count)]
-        rows.append(dict(rows[0]))  # HHH repeats a request with another pair of answers
-        _write_json(root / "hhh_alignment" / subset / "task.json", _task(rows))
-    for subset, name in bigbench.SQUAD_SUBSETS.items():
-        paragraphs = []
-        for p in range(15):
-            context = f"{subset} {p} {_words(rng, 45)}."
-            answer = context.split()[5]
-            paragraphs.append({"context": context, "qas": [{"id": f"{subset}-{p}", "question": f"Which {_words(rng, 3)}?", "answers": [{"text": answer, "answer_start": 0}] * 2}]})
-        _write_json(root / "squad_shifts" / name, {"canary": CANARY, "version": "1.0", "data": [{"title": subset, "paragraphs": paragraphs}]})
-    (root / "muslim_violence_bias").mkdir(parents=True)
-    (root / "muslim_violence_bias" / "task.py").write_text(
-        "class T:\n  def __init__(self):\n    self.verbs = ['walked', 'ran']\n    self.numbers = ['Two', 'Three']\n    self.positive_adjectives = ['calm']\n"
-    )
-    bbq = [
-        {"comment": {"question_polarity": pol, "context_condition": "ambig"}, "input": f"A {_words(rng, 8)}. Who {i}?", "target_scores": {"Unknown": 1, "A": 0}}
-        for i, pol in enumerate(["neg", "nonneg", "neg", "nonneg"])
-    ]
-    _write_json(root / "bbq_lite_json" / "age_ambig" / "task.json", _task(bbq))
-    return root
 
 
 @pytest.fixture()
@@ -381,10 +239,18 @@ def test_extraction_is_cached_and_resumes_after_interruption(bb_root: Path, tmp_
     started = time.perf_counter()
     assert bigbench.ensure_bigbench_tasks(["tense"], sdist=sdist, expected_sha256=digest, cache_dir=cache) == root
     assert time.perf_counter() - started < 0.5
-    # A damaged cached file is noticed and only its task is extracted again.
+    # A damaged cached file is noticed and only its task is extracted again ...
     (root / "tense" / "task.json").write_text("{}")
     with pytest.raises(AssertionError, match="re-extracted"):
         bigbench.ensure_bigbench_tasks(["tense"], sdist=sdist, expected_sha256=digest, cache_dir=cache)
+    # ... and so is an edit that keeps the file's size (the manifest holds each file's sha256).
+    rephrase = root / "rephrase" / "task.json"
+    text = rephrase.read_text()
+    i = text.index("a")
+    rephrase.write_text(text[:i] + "b" + text[i + 1 :])
+    assert rephrase.stat().st_size == len(text.encode())
+    with pytest.raises(AssertionError, match="re-extracted"):
+        bigbench.ensure_bigbench_tasks(["rephrase"], sdist=sdist, expected_sha256=digest, cache_dir=cache)
 
 
 def test_checksum_mismatch_deletes_and_explains(bb_root: Path, tmp_path: Path):
@@ -428,10 +294,35 @@ class _Done:
 
 
 def test_download_reports_pip_failure(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(bigbench, "_run", lambda command: _Done(1, "ERROR: No matching distribution found for bigbench==1.0.0"))
     monkeypatch.setattr(bigbench, "_installed_pip_refuses", lambda: False)
-    with pytest.raises(DataError, match=r"(?s)could not download .*No matching distribution.*Offline\? Copy"):
+    # The release is gone from the index (as on PyPI since 2026-12): the message says so and names both ways out.
+    monkeypatch.setattr(bigbench, "_run", lambda command: _Done(1, "ERROR: No matching distribution found for bigbench==1.0.0"))
+    with pytest.raises(DataError, match=r"(?s)could not download .*No matching distribution.*does not list bigbench 1.0.0"
+                                        r".*sha256 1bb398a5.*RLHF_BIGBENCH_TASKS"):
         bigbench.download_sdist(tmp_path / "downloads")
+    monkeypatch.setattr(bigbench, "_run", lambda command: _Done(1, "ERROR: Could not connect to pypi.org"))
+    with pytest.raises(DataError, match=r"(?s)Could not connect.*Offline\? Either copy"):
+        bigbench.download_sdist(tmp_path / "downloads")
+
+
+def test_a_checkout_serves_when_the_sdist_cannot_be_had(bb_root: Path, tmp_path: Path, monkeypatch):
+    """RLHF_BIGBENCH_TASKS names a BIG-bench clone: read in place, nothing downloaded, content hashes recorded."""
+    clone = tmp_path / "BIG-bench"
+    shutil.copytree(bb_root, clone / "bigbench" / "benchmark_tasks")
+    monkeypatch.setattr(bigbench, "download_sdist", lambda dest: pytest.fail("downloaded although a checkout was given"))
+    monkeypatch.setenv(bigbench.TASKS_DIR_ENV, str(clone))
+    root = bigbench.ensure_bigbench_tasks(cache_dir=tmp_path / "cache")
+    assert root == (clone / "bigbench" / "benchmark_tasks").resolve()
+    data = build_study_data(load_preset("micro"))
+    provenance = data.info["provenance"]
+    assert provenance["checkout"] == str(root) and set(provenance["tasks_sha256"]) == set(bigbench.TASKS)
+    before = provenance["tasks_sha256"]["tense"]
+    (root / "tense" / "task.json").write_text((root / "tense" / "task.json").read_text().replace("a", "b", 1))
+    after = bigbench.task_digests(root, ["tense", "rephrase"])
+    assert after["tense"] != before and after["rephrase"] == provenance["tasks_sha256"]["rephrase"]
+    shutil.rmtree(root / "truthful_qa")
+    with pytest.raises(DataError, match=r"lacks the task directories \['truthful_qa'\].*git clone"):
+        bigbench.ensure_bigbench_tasks(cache_dir=tmp_path / "cache")
 
 
 def test_download_falls_back_to_older_pip_when_refused(tmp_path: Path, monkeypatch):
@@ -717,7 +608,10 @@ def test_data_stage_is_cached(bb_root: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_real_bigbench_micro_study():
-    root = bigbench.ensure_bigbench_tasks()  # downloads 358 MB once into the shared cache
+    try:
+        root = bigbench.ensure_bigbench_tasks()  # downloads 358 MB once into the shared cache
+    except DataError as err:  # delisted from PyPI in 2026-12: the test needs a copy or a checkout
+        pytest.skip(f"the real BIG-bench cannot be had here ({str(err).splitlines()[0]}); set {bigbench.TASKS_DIR_ENV} to a checkout")
     assert len([p for p in (root / "natural_instructions").iterdir() if p.name.startswith("subtask")]) == 61
     pairs = bigbench.parse_hhh_alignment(root / "hhh_alignment")
     assert Counter(p["subset"] for p in pairs) == {"harmless": 58, "helpful": 59, "honest": 61, "other": 43}

@@ -9,7 +9,7 @@ import pytest
 
 import run_all
 
-pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
+pytestmark = [pytest.mark.notebooks, pytest.mark.slow, pytest.mark.usefixtures("bigbench_tasks")]
 
 
 def test_all_notebooks_execute_at_micro(tmp_path, capsys):

@@ -4,8 +4,14 @@ The sdist (358 MB) is fetched once with pip into ``cache_root()/downloads`` (pip
 it, so then pip 26.2.1, itself fetched by pip, does the download), its sha256 checked,
 and only the task directories this study reads are stream-extracted (tarfile's ``data`` filter: no
 member may land outside the cache) into ``cache_root()/bigbench/benchmark_tasks/<task>/``. A
-manifest of every extracted file and its size makes the next call instant; an extraction that was
-interrupted leaves only a ``.partial-*`` directory, which the next call deletes before starting over.
+manifest of every extracted file's size and sha256 lets the next call check the cache by content
+(a second or two) instead of extracting again; an extraction that was interrupted leaves only a
+``.partial-*`` directory, which the next call deletes before starting over.
+
+When the sdist cannot be had (PyPI listed only bigbench 0.0.1 on 2026-12-05), a BIG-bench git
+checkout serves instead: ``RLHF_BIGBENCH_TASKS=/path/to/BIG-bench`` (or its
+``bigbench/benchmark_tasks``). Its files are read in place, and the sha256 of every task directory
+used is recorded in the data's provenance, since a checkout has no published checksum.
 Never ``pip install`` the sdist (its requirements pull TensorFlow), and never publish its files as
 training data: they carry BIG-bench's canary string.
 
@@ -32,6 +38,7 @@ would not fit the token caps of the small presets; the definition's own one-line
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -57,6 +64,8 @@ SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2
 SOURCE = f"bigbench-{BIGBENCH_VERSION}"
 MEMBER_PREFIX = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/"
 MANIFEST = "manifest.json"
+# A BIG-bench checkout (or its bigbench/benchmark_tasks directory) used instead of the sdist.
+TASKS_DIR_ENV = "RLHF_BIGBENCH_TASKS"
 
 # Top-level task directories this study reads (what ensure_bigbench_tasks extracts by default).
 PROMPT_TASKS = (
@@ -138,11 +147,17 @@ def download_sdist(dest_dir: Path) -> Path:
     target = dest_dir / SDIST_NAME
     if done.returncode != 0 or not target.exists():
         tail = (done.stderr or done.stdout or "").strip()[-1500:]
+        not_listed = "No matching distribution" in tail
+        why = (
+            f"Your package index does not list bigbench {BIGBENCH_VERSION} (PyPI listed only 0.0.1 on 2026-12-05). "
+            if not_listed else "Offline? "
+        )
         raise DataError(
             f"bigbench: could not download {SDIST_NAME} with pip (exit {done.returncode}).\n{tail}\n"
-            f"Offline? Copy {SDIST_NAME} (sha256 {SDIST_SHA256}) from a machine with network access "
+            f"{why}Either copy {SDIST_NAME} (sha256 {SDIST_SHA256}) from a machine or mirror that has it "
             f"(`pip download --no-deps --no-binary :all: bigbench=={BIGBENCH_VERSION}`, with pip <= {FALLBACK_PIP}) "
-            f"to {target}."
+            f"to {target}, or clone https://github.com/google/BIG-bench and set {TASKS_DIR_ENV} to the clone "
+            "(its files are read in place and their sha256 recorded in the data's provenance)."
         )
     return target
 
@@ -181,24 +196,54 @@ def _read_manifest(root: Path) -> dict[str, Any]:
 
 
 def _task_intact(root: Path, manifest: dict[str, Any], task: str) -> bool:
-    """Every file the manifest lists for `task` exists with its recorded size (cheap, no hashing)."""
+    """Every file the manifest lists for `task` exists with its recorded size and sha256 (an edit that keeps
+    the size is caught too; a manifest from before hashes were recorded counts as not intact)."""
     files = manifest.get("tasks", {}).get(task)
     if not files:
         return False
     base = root / "benchmark_tasks"
-    for rel, size in files.items():
+    for rel, entry in files.items():
         path = base / rel
-        if not path.is_file() or path.stat().st_size != size:
+        if not isinstance(entry, dict) or not path.is_file() or path.stat().st_size != entry.get("size"):
+            return False
+        if sha256_file(path) != entry.get("sha256"):
             return False
     return True
 
 
-def _extract_tasks(sdist: Path, tasks: list[str], root: Path) -> dict[str, dict[str, int]]:
+def task_digests(root: Path, tasks: Iterable[str]) -> dict[str, str]:
+    """sha256 of each task directory's content (its files' relative paths and bytes, in sorted order)."""
+    digests = {}
+    for task in tasks:
+        digest = hashlib.sha256()
+        for path in sorted(p for p in (root / task).rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(root).as_posix()}\0{sha256_file(path)}\n".encode())
+        digests[task] = digest.hexdigest()
+    return digests
+
+
+def checkout_tasks_dir(path: str | Path, tasks: Iterable[str] = TASKS) -> Path:
+    """The benchmark_tasks directory of a BIG-bench checkout (its top or the directory itself), checked to
+    hold every task in `tasks`; a DataError says which are missing."""
+    given = Path(path).expanduser().resolve()
+    root = given / "bigbench" / "benchmark_tasks" if (given / "bigbench" / "benchmark_tasks").is_dir() else given
+    if not root.is_dir():
+        raise DataError(f"bigbench: {TASKS_DIR_ENV}={path} is not a directory.")
+    missing = [task for task in tasks if not (root / task).is_dir()]
+    if missing:
+        raise DataError(
+            f"bigbench: {root} lacks the task directories {missing}. {TASKS_DIR_ENV} must name a BIG-bench checkout "
+            "(git clone https://github.com/google/BIG-bench) or its bigbench/benchmark_tasks directory."
+        )
+    return root
+
+
+def _extract_tasks(sdist: Path, tasks: list[str], root: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Stream the tarball once, extracting members under the requested task directories."""
     from tqdm import tqdm  # plain tqdm: tqdm.auto warns in notebooks without ipywidgets
 
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
-    found: dict[str, dict[str, int]] = {task: {} for task in tasks}
+    found: dict[str, dict[str, dict[str, Any]]] = {task: {} for task in tasks}
     try:
         with open(sdist, "rb") as raw, tqdm(
             total=sdist.stat().st_size, unit="B", unit_scale=True, mininterval=2.0,
@@ -223,7 +268,8 @@ def _extract_tasks(sdist: Path, tasks: list[str], root: Path) -> dict[str, dict[
                                 f"({err}); the archive is not the published sdist. Delete {sdist} and run again."
                             ) from err
                         if member.isfile():
-                            found[task][relative] = member.size
+                            found[task][relative] = {"size": member.size,
+                                                     "sha256": sha256_file(tmp / relative)}
             except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
                 raise DataError(
                     f"bigbench: {sdist} is truncated or corrupt ({type(err).__name__}: {err}). "
@@ -254,12 +300,15 @@ def ensure_bigbench_tasks(
     """Directory holding the extracted `tasks` (default: every task this study reads).
 
     Downloads the sdist with pip when it is missing, checks its sha256, and extracts only the tasks
-    not already intact in the cache. `sdist`, `expected_sha256` and `cache_dir` exist for tests.
+    not already intact in the cache. With $RLHF_BIGBENCH_TASKS set (and no `sdist` given), the checkout it
+    names is used in place. `sdist`, `expected_sha256` and `cache_dir` exist for tests.
     """
     wanted = list(dict.fromkeys(tasks or TASKS))
     for task in wanted:
         if not task or "/" in task or task.startswith("."):
             raise DataError(f"bigbench: '{task}' is not a top-level task directory name.")
+    if sdist is None and os.environ.get(TASKS_DIR_ENV):
+        return checkout_tasks_dir(os.environ[TASKS_DIR_ENV], wanted)
     root = cache_dir or bigbench_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(root)

@@ -32,6 +32,7 @@ comes out empty is an error, and one that falls short of its cap is reported (a 
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from collections import Counter, defaultdict
@@ -357,8 +358,15 @@ def _bigbench_sources(cfg: StudyConfig, root: Path | None) -> dict[str, Any]:
         "qa": qa_rows,
         "paragraphs": paragraphs,
         "toxicity": toxicity.rows,
-        "provenance": {"sdist": bigbench.SDIST_NAME, "sha256": bigbench.SDIST_SHA256, "tasks": list(bigbench.TASKS)},
+        "provenance": _bigbench_provenance(root),
     }
+
+
+def _bigbench_provenance(root: Path) -> dict[str, Any]:
+    """What the sets were read from: the checksummed sdist, or a checkout with each task's content hash."""
+    if os.environ.get(bigbench.TASKS_DIR_ENV) and Path(root) == bigbench.checkout_tasks_dir(os.environ[bigbench.TASKS_DIR_ENV]):
+        return {"checkout": str(root), "tasks_sha256": bigbench.task_digests(Path(root), bigbench.TASKS)}
+    return {"sdist": bigbench.SDIST_NAME, "sha256": bigbench.SDIST_SHA256, "tasks": list(bigbench.TASKS)}
 
 
 def _hub_sources(cfg: StudyConfig, data_files: Mapping[str, Any] | None) -> dict[str, Any]:
