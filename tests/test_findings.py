@@ -14,7 +14,15 @@ import pytest
 
 from rlhf_lib import paper
 from rlhf_lib.evaluation import generalization
-from rlhf_lib.evaluation.stats import cluster_ratio, clustered_accuracy, proportion, verdict, wilson_interval
+from rlhf_lib.evaluation.stats import (
+    clopper_pearson_interval,
+    cluster_ratio,
+    clustered_accuracy,
+    paired_bootstrap,
+    proportion,
+    verdict,
+    wilson_interval,
+)
 from rlhf_lib.findings import (
     FINDINGS_FILE,
     SPECS,
@@ -47,6 +55,68 @@ def test_wilson_matches_hand_computed_values_and_never_has_zero_width():
         wilson_interval(3, 0)
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+def test_clopper_pearson_matches_hand_computed_values_and_is_wider_than_wilson():
+    # At 0/n the exact upper bound solves (1 - p)^n = alpha / 2; at n/n the lower bound solves p^n = alpha / 2.
+    low, high = clopper_pearson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 10)) and high == pytest.approx(0.30850, abs=1e-5)
+    low, high = clopper_pearson_interval(10, 10)
+    assert high == 1.0 and low == pytest.approx(0.025 ** (1 / 10)) and low == pytest.approx(0.69150, abs=1e-5)
+    assert clopper_pearson_interval(5, 10) == pytest.approx((0.18709, 0.81291), abs=1e-5)  # textbook 5/10
+    assert clopper_pearson_interval(3, 10) == pytest.approx((0.06674, 0.65245), abs=1e-5)
+    for k in (0, 3, 5, 10):  # exact coverage costs width: it contains Wilson's interval here
+        (cp_low, cp_high), (w_low, w_high) = clopper_pearson_interval(k, 10), wilson_interval(k, 10)
+        assert cp_low <= w_low and cp_high >= w_high and cp_high > cp_low
+    exact = proportion(0, 10, method="clopper-pearson")
+    assert (exact.value, exact.ci_low, exact.n) == (0.0, 0.0, 10) and exact.ci_high == pytest.approx(0.30850, abs=1e-5)
+    with pytest.raises(ValueError):
+        clopper_pearson_interval(11, 10)
+    with pytest.raises(ValueError):
+        proportion(1, 10, method="normal")
+
+
+def _correlated_items(n: int = 60, effect: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two methods scored on the same items: item difficulty, shared by both, dominates the scores."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.normal(0.0, 1.0, n)
+    return difficulty + effect + rng.normal(0.0, 0.1, n), difficulty + rng.normal(0.0, 0.1, n)
+
+
+def test_paired_bootstrap_covers_a_known_difference_and_excludes_zero_only_for_a_real_one():
+    a, b = _correlated_items(effect=0.3)
+    paired = paired_bootstrap(a, b, n_resamples=2000, seed=0)
+    assert paired.n == 60 and paired.value == pytest.approx(np.mean(a - b))
+    assert paired.ci_low < 0.3 < paired.ci_high and paired.ci_low > 0  # covers the truth, excludes no effect
+    assert paired_bootstrap(a - b, n_resamples=2000, seed=0) == paired  # per-item differences give the same
+    null_a, null_b = _correlated_items(effect=0.0, seed=1)
+    null = paired_bootstrap(null_a, null_b, n_resamples=2000, seed=0)
+    assert null.ci_low < 0 < null.ci_high
+    with pytest.raises(ValueError):
+        paired_bootstrap(np.zeros((3, 2)))
+
+
+def test_pairing_gives_a_narrower_interval_than_an_unpaired_bootstrap_on_correlated_items():
+    a, b = _correlated_items(effect=0.3)
+    paired = paired_bootstrap(a, b, n_resamples=2000, seed=0)
+    rng = np.random.default_rng(0)  # unpaired: each method's items resampled on their own
+    unpaired = [a[rng.integers(0, a.size, a.size)].mean() - b[rng.integers(0, b.size, b.size)].mean() for _ in range(2000)]
+    unpaired_low, unpaired_high = np.quantile(unpaired, [0.025, 0.975])
+    assert unpaired_low < 0 < unpaired_high  # the shared difficulty swamps the effect unless items are paired
+    assert paired.ci_high - paired.ci_low < (unpaired_high - unpaired_low) / 5
+
+
+def test_paired_bootstrap_with_no_spread_gets_a_bound_not_zero_width():
+    # 16 prompts, neither method ever toxic: every difference is 0, so the bootstrap alone says [0, 0].
+    assert paired_bootstrap(np.zeros(16), np.zeros(16)).ci_low == paired_bootstrap(np.zeros(16), np.zeros(16)).ci_high
+    bound = 1 - 0.025 ** (1 / 16)  # at most this share of prompts could differ (Clopper-Pearson, 0 of 16 seen)
+    tied = paired_bootstrap(np.zeros(16), np.zeros(16), bounds=(-1.0, 1.0))
+    assert (tied.value, tied.n) == (0.0, 16) and (tied.ci_low, tied.ci_high) == pytest.approx((-bound, bound))
+    # A constant difference near a bound has little room on that side.
+    shifted = paired_bootstrap(np.full(16, 0.5), bounds=(-1.0, 1.0))
+    assert (shifted.ci_low, shifted.ci_high) == pytest.approx((0.5 - 1.5 * bound, 0.5 + 0.5 * bound))
+    spread = paired_bootstrap([1.0, 0.0, 0.0, 0.5], bounds=(-1.0, 1.0))  # spread: the bootstrap interval is kept
+    assert spread == paired_bootstrap([1.0, 0.0, 0.0, 0.5])
 
 
 def _clustered_predictions(prompts: int = 10, pairs: int = 20, correct_prompts: int = 6) -> pd.DataFrame:

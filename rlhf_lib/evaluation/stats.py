@@ -1,12 +1,15 @@
-"""Intervals that resample the unit that was sampled, Wilson intervals for proportions, verdicts.
+"""Intervals that resample the unit that was sampled, Wilson / Clopper-Pearson intervals, verdicts.
 
 The design's statistics rules (DESIGN.md, "Statistics"): resample prompts, never pairs or tokens (a
 prompt's pairs share its completions and its labeler, so they are not independent); proportions get
-Wilson intervals, which never have zero width, not even at 0/n or n/n; a verdict beside the paper is
-"agrees" only when the whole interval lies on the paper's side of no effect::
+Wilson or Clopper-Pearson intervals, which never have zero width, not even at 0/n or n/n; differences
+between methods answering the same items get a paired bootstrap over items; a verdict beside the paper
+is "agrees" only when the whole interval lies on the paper's side of no effect::
 
     from rlhf_lib.evaluation import stats
     stats.wilson_interval(0, 10)                          # (0.0, 0.2775...)
+    stats.clopper_pearson_interval(0, 10)                 # (0.0, 0.3085...), exact
+    stats.paired_bootstrap(f1_ppo_ptx, f1_ppo)            # mean per-item difference, items resampled
     stats.cluster_ratio(correct, pairs, n_resamples=2000)  # sum/sum over prompts, prompts resampled
     stats.verdict(0.55, 0.70, no_effect=0.5, side="above")  # "agrees"
 """
@@ -54,9 +57,35 @@ def wilson_interval(successes: float, n: int, alpha: float = 0.05) -> tuple[floa
     return low, high
 
 
-def proportion(successes: int, n: int, alpha: float = 0.05) -> MetricResult:
-    """successes / n with its Wilson interval; n counts the independent units."""
-    low, high = wilson_interval(successes, n, alpha)
+def clopper_pearson_interval(successes: float, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) (1 - alpha) interval of successes / n, from beta quantiles.
+
+    Its coverage is at least 1 - alpha for every true proportion (Wilson's is about 1 - alpha on
+    average), at the price of width: at 0/n the upper bound is 1 - (alpha / 2) ** (1 / n). A fractional
+    `successes` uses the beta quantiles at non-integer parameters, the interval's continuous extension.
+    """
+    from scipy.stats import beta
+
+    if n < 1:
+        raise ValueError(f"A proportion needs n >= 1, got {n}.")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n={n}], got {successes}.")
+    _z(alpha)  # validates alpha
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(beta.ppf(1 - alpha / 2, successes + 1, n - successes))
+    return low, high
+
+
+INTERVALS = {"wilson": wilson_interval, "clopper-pearson": clopper_pearson_interval}
+
+
+def proportion(
+    successes: int, n: int, alpha: float = 0.05, method: Literal["wilson", "clopper-pearson"] = "wilson"
+) -> MetricResult:
+    """successes / n with its Wilson (or Clopper-Pearson) interval; n counts the independent units."""
+    if method not in INTERVALS:
+        raise ValueError(f"method must be one of {tuple(INTERVALS)}, got {method!r}.")
+    low, high = INTERVALS[method](successes, n, alpha)
     return MetricResult(successes / n, low, high, int(n))
 
 
@@ -112,6 +141,39 @@ def clustered_accuracy(
     sums = np.bincount(inverse, weights=values)
     counts = np.bincount(inverse).astype(float)
     return cluster_ratio(sums, counts, n_resamples=n_resamples, seed=seed, alpha=alpha)
+
+
+def paired_bootstrap(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    bounds: tuple[float, float] | None = None,
+) -> MetricResult:
+    """Mean of a - b over the same items (or mean of `a`, already per-item differences, when b is None),
+    with a percentile bootstrap that resamples items, each with both of its values.
+
+    Resampling the pairs keeps what the two methods share per item (an easy question is easy for both),
+    so the interval is narrower than comparing two separately resampled means when items are correlated.
+    n is the number of items. `bounds` is the range a per-item difference can take (e.g. (-1, 1) for two
+    rates): when every item has the same difference d the bootstrap has nothing to resample and would
+    give [d, d]; with bounds the interval becomes what the unseen items could do, the Clopper-Pearson
+    bound on the share of items that differ from d (at most 1 - (alpha / 2) ** (1 / n) of 0 of n seen)
+    times the room left towards each bound.
+    """
+    diff = np.asarray(a, dtype=float) if b is None else np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if diff.ndim != 1:
+        raise ValueError(f"Need 1-D per-item values (aligned when two are given), got shape {diff.shape}.")
+    result = cluster_ratio(diff, np.ones_like(diff), n_resamples=n_resamples, seed=seed, alpha=alpha)
+    if bounds is None or result.n == 0 or result.ci_high > result.ci_low:
+        return result
+    low_bound, high_bound = bounds
+    if not low_bound <= result.value <= high_bound or not low_bound < high_bound:
+        raise ValueError(f"bounds {bounds} must be increasing and contain the mean difference {result.value}.")
+    share = clopper_pearson_interval(0, result.n, alpha)[1]
+    return MetricResult(result.value, result.value - share * (result.value - low_bound),
+                        result.value + share * (high_bound - result.value), result.n)
 
 
 # A bootstrap over fewer resampled units than this gives intervals too narrow to trust (with 2 prompts it
