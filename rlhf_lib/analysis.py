@@ -25,7 +25,8 @@ Metrics, each a CSV in the stage directory (tidy: method, size, metric, value, c
 
 - win_rate.csv: win rate against SFT (the paper's baseline) and against GPT and GPT prompted, by the
   held-out labelers on the eval split (ties 0.5), bootstrap 95% intervals over prompts;
-- likert_flags.csv: Likert 1-7 and the metadata flags (Figure 4); hallucination.csv: closed-domain prompts;
+- likert_flags.csv: Likert 1-7 and the metadata flags (Figure 4); hallucination.csv: closed-domain prompts
+  (hallucination_per_item.csv: each method's share of judges flagging each prompt);
 - truthfulqa.csv: MC1 / MC2 by log-likelihood, and generated answers' %true / %informative;
 - toxicity.csv and respectful_effect.csv: toxic-output rate with and without the respectful instruction;
 - alignment_tax.csv: few-shot SQuAD F1 / EM and LM loss on held-out prose;
@@ -69,9 +70,9 @@ SQUAD_MAX_NEW_TOKENS = 16  # answers are short spans; the first line is scored
 LM_LOSS_MAX_TOKENS = 256
 LM_LOSS_BATCH = 4
 TABLES = (
-    "generations", "win_rate", "likert_flags", "hallucination", "truthfulqa", "truthfulqa_per_item", "toxicity",
-    "toxicity_generations", "respectful_effect", "alignment_tax", "squad_per_item", "overoptimization",
-    "rm_accuracy", "best_of_n_candidates", "dpo_log_history",
+    "generations", "win_rate", "likert_flags", "hallucination", "hallucination_per_item", "truthfulqa",
+    "truthfulqa_per_item", "toxicity", "toxicity_generations", "respectful_effect", "alignment_tax", "squad_per_item",
+    "overoptimization", "rm_accuracy", "best_of_n_candidates", "dpo_log_history",
 )
 RM_SET_NAMES = {
     # reward-stage set names -> the short names of rlhf_lib.evaluation.generalization.SETS (and plots' paper markers)
@@ -555,6 +556,8 @@ def _run(cfg: StudyConfig, paths: RunPaths, out: Path, upstream: dict, progress:
         tables["likert_flags"] = preference.likert_and_flag_table(gens, eval_rows, judges, n_resamples=n_boot, seed=seed)
         try:
             tables["hallucination"] = hallucination.hallucination_table(gens, eval_rows, judges, n_resamples=n_boot, seed=seed)
+            # Per prompt, so findings can pair two methods' flags on the same prompts (rlhf_lib.findings).
+            tables["hallucination_per_item"] = hallucination.hallucination_flags(gens, eval_rows, judges)
         except ValueError as err:  # no closed-domain prompt in this eval split
             found.skipped["hallucination"] = str(err)
 
@@ -611,7 +614,7 @@ def _run(cfg: StudyConfig, paths: RunPaths, out: Path, upstream: dict, progress:
         if (found.reward_dir / "agreement.csv").exists():
             for _, row in pd.read_csv(found.reward_dir / "agreement.csv").iterrows():
                 agreement[row["group"]] = {"value": float(row["mean"]), "ci_low": float(row["low"]),
-                                           "ci_high": float(row["high"])}
+                                           "ci_high": float(row["high"]), "n": int(row["n_prompts"])}
     if "DPO" in found.policies and (out / "dpo" / "log_history.csv").exists():
         tables["dpo_log_history"] = pd.read_csv(out / "dpo" / "log_history.csv")
 

@@ -9,12 +9,15 @@ be computed from the files present, e.g. the PPO metrics when PPO did not run; n
      ...,
      "missing": ["win_rate_ppo_ptx_vs_sft"], "about": {...}}
 
-Every entry has value, low, high (a 95% interval), n (the independent units that interval resampled:
-prompts), unit and higher_is_better (None: neither direction is better). Entries with a paper claim
-(rlhf_lib.paper.CLAIMS) add paper (None for a direction-only claim), paper_ref, no_effect, paper_side
-and verdict: "agrees" only when the interval lies on the paper's side of no effect, "disagrees" on the
-other side, else "inconclusive". A quantity with no sampling uncertainty (a stage's wall-clock time) has
-low = high = None and says why in no_interval_reason. Rates are in percent.
+Every entry has value, low, high (a 95% interval, never of zero width), n (the independent units that
+interval resampled: prompts or questions), unit and higher_is_better (None: neither direction is
+better). Entries with a paper claim (rlhf_lib.paper.CLAIMS) add paper (None for a direction-only claim),
+paper_ref, no_effect, paper_side and verdict: "agrees" only when the interval lies on the paper's side of
+no effect, "disagrees" on the other side, else "inconclusive". A number the study sets itself (labeler
+agreement, calibrated to the paper's) has the verdict "fixed by design" and says how in by_design. A
+quantity with no sampling uncertainty (a stage's wall-clock time) has low = high = None and says why in
+no_interval_reason. Rates are in percent; differences between two methods (`<quantity>_<method>_minus_
+<baseline>`) in points, from a paired bootstrap over the items both answered (rlhf_lib.evaluation.stats).
 
 Built from the files of results/<size>/ (what a reader of the rendered study has) and the reward stage::
 
@@ -22,9 +25,11 @@ Built from the files of results/<size>/ (what a reader of the rendered study has
     write_findings(results_dir, reward_dir=paths.stage("reward"))   # called by analysis.export_results
     findings_table(load_findings(results_dir))                      # notebook 05, SUMMARY.md
 
-Sources: metrics.json (preset, seed, best_of_n), analysis_win_rate.csv (win rates vs SFT, judged by the
-held-out labelers on the eval prompts, bootstrap over prompts), analysis_generations.csv (PPO's and SFT's
-answers to the eval prompts), the reward stage's predictions.csv (else rm_predictions.csv) and DONE.json
+Sources: metrics.json (preset, seed, best_of_n; labeler agreement when the reward stage is absent),
+analysis_win_rate.csv (win rates vs SFT, GPT and GPT prompted, judged by the held-out labelers on the eval
+prompts, bootstrap over prompts), analysis_generations.csv (PPO's and SFT's answers to the eval prompts),
+the per-item tables of PAIRED_SOURCES (SQuAD F1, TruthfulQA, toxicity, hallucination: paired
+differences), the reward stage's predictions.csv (else rm_predictions.csv), agreement.csv and DONE.json
 (else run_record.json's stage_seconds).
 """
 
@@ -35,7 +40,7 @@ import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +55,7 @@ from rlhf_lib.evaluation.stats import (
     VERDICTS,
     cluster_ratio,
     clustered_accuracy,
+    paired_bootstrap,
     proportion,
     verdict,
     wilson_interval,
@@ -70,17 +76,88 @@ class FindingSpec:
     description: str
 
 
+@dataclass(frozen=True)
+class PairedSource:
+    """A per-item table of the analysis, whose items every method answered: the source of paired differences."""
+
+    file: str  # in results/<size>/
+    key: str  # the item id column
+    column: str  # the per-item value, in [0, 1]
+    unit: str  # of a difference, x100
+    higher_is_better: bool
+    what: str
+    items: str  # what an item is, for n
+    comparisons: tuple[tuple[str, str], ...]  # (method, baseline): method minus baseline
+    prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None  # adds `column` where the table lacks it
+
+
+def _respectful_toxic(table: pd.DataFrame) -> pd.DataFrame:
+    """Toxicity generations under the respectful instruction, scored with the analysis's scorer and threshold
+    (so the rates match analysis_toxicity.csv)."""
+    from rlhf_lib.labelers import TOXIC_ABOVE, toxicity
+
+    table = table[table["condition"] == "respectful"]
+    return table.assign(toxic=(toxicity(table["completion"].astype(str).tolist()) > TOXIC_ABOVE).astype(float))
+
+
+VS_GPT = (("SFT", "GPT"), ("PPO", "GPT"), ("PPO-ptx", "GPT"))
+# quantity -> its per-item table; each comparison becomes the metric `<quantity>_<method>_minus_<baseline>`.
+PAIRED_SOURCES: dict[str, PairedSource] = {
+    "hallucination_rate": PairedSource(
+        "analysis_hallucination_per_item.csv", "prompt_id", "hallucinates", "percentage points", False,
+        "closed-domain hallucination (share of held-out judges flagging it)", "closed-domain eval prompts", VS_GPT),
+    "truthfulqa_true_informative": PairedSource(
+        "analysis_truthfulqa_per_item.csv", "id", "true_informative", "percentage points", True,
+        "TruthfulQA answers judged true and informative", "questions", VS_GPT),
+    "toxic_rate_respectful": PairedSource(
+        "analysis_toxicity_generations.csv", "prompt_id", "toxic", "percentage points", False,
+        "toxic outputs with the respectful instruction", "prompts", (*VS_GPT, ("PPO", "SFT")), _respectful_toxic),
+    "squad_f1": PairedSource(
+        "analysis_squad_per_item.csv", "id", "f1", "F1 points", True, "few-shot SQuAD F1 (the alignment tax)",
+        "questions", (*VS_GPT, ("PPO-ptx", "PPO"))),
+}
+
+
+def _slug(method: str) -> str:
+    return method.lower().replace("-", "_").replace(" ", "_")
+
+
+def paired_name(quantity: str, method: str, baseline: str) -> str:
+    """findings metric name of `method` minus `baseline` on `quantity`, e.g. squad_f1_ppo_ptx_minus_ppo."""
+    return f"{quantity}_{_slug(method)}_minus_{_slug(baseline)}"
+
+
+PAIRED: dict[str, tuple[str, str, str]] = {  # metric -> (quantity, method, baseline)
+    paired_name(q, m, b): (q, m, b) for q, source in PAIRED_SOURCES.items() for m, b in source.comparisons
+}
+# findings metric -> (method, baseline method) in analysis_win_rate.csv
+WIN_RATES = {"win_rate_best_of_n_vs_sft": ("best-of-n", "SFT"), "win_rate_ppo_vs_sft": ("PPO", "SFT"),
+             "win_rate_ppo_ptx_vs_sft": ("PPO-ptx", "SFT"), "win_rate_ppo_ptx_vs_gpt": ("PPO-ptx", "GPT"),
+             "win_rate_ppo_ptx_vs_gpt_prompted": ("PPO-ptx", "GPT prompted")}
+AGREEMENT_GROUPS = {"agreement_train": "train-train", "agreement_heldout": "heldout-heldout"}
+
 # Every metric findings.json aims to hold, in the order tables show them.
 SPECS: dict[str, FindingSpec] = {
     "rm_accuracy_train": FindingSpec(
         "percent", True, "RM accuracy: held-out RM prompts ranked by training labelers (K-wise RM)"),
     "rm_accuracy_heldout": FindingSpec(
         "percent", True, "RM accuracy: held-out RM prompts ranked by held-out labelers (K-wise RM)"),
+    "agreement_train": FindingSpec(
+        "percent", None, "inter-labeler agreement, training labelers (pairs ordered alike; reward stage)"),
+    "agreement_heldout": FindingSpec(
+        "percent", None, "inter-labeler agreement, held-out labelers (pairs ordered alike; reward stage)"),
     "win_rate_best_of_n_vs_sft": FindingSpec(
         "percent", True, "best-of-n (SFT samples, RM's pick) preferred to SFT by held-out labelers, eval prompts"),
     "win_rate_ppo_vs_sft": FindingSpec("percent", True, "PPO preferred to SFT by held-out labelers, eval prompts"),
     "win_rate_ppo_ptx_vs_sft": FindingSpec(
         "percent", True, "PPO-ptx preferred to SFT by held-out labelers, eval prompts"),
+    "win_rate_ppo_ptx_vs_gpt": FindingSpec(
+        "percent", True, "PPO-ptx preferred to GPT (the pretrained base) by held-out labelers, eval prompts"),
+    "win_rate_ppo_ptx_vs_gpt_prompted": FindingSpec(
+        "percent", True, "PPO-ptx preferred to few-shot prompted GPT by held-out labelers, eval prompts"),
+    **{name: FindingSpec(PAIRED_SOURCES[q].unit, PAIRED_SOURCES[q].higher_is_better,
+                         f"{PAIRED_SOURCES[q].what}: {m} minus {b}, paired over the same {PAIRED_SOURCES[q].items}")
+       for name, (q, m, b) in PAIRED.items()},
     "ppo_distinct_fraction": FindingSpec(
         "percent of eval prompts", True, "distinct PPO answers / eval prompts (exact text after stripping)"),
     "ppo_length_ratio": FindingSpec(
@@ -90,9 +167,6 @@ SPECS: dict[str, FindingSpec] = {
     "reward_stage_minutes": FindingSpec("minutes", False, "wall-clock time of the reward stage (DONE.json seconds)"),
 }
 
-# findings metric -> (analysis win-rate table method)
-WIN_RATE_METHODS = {"win_rate_best_of_n_vs_sft": "best-of-n", "win_rate_ppo_vs_sft": "PPO",
-                    "win_rate_ppo_ptx_vs_sft": "PPO-ptx"}
 # findings metric -> RM prediction set names (the analysis's short name, the reward stage's long name)
 RM_SETS = {"rm_accuracy_train": ("train_labelers", "held-out prompts / training labelers"),
            "rm_accuracy_heldout": ("heldout_labelers", "held-out prompts / held-out labelers")}
@@ -120,10 +194,15 @@ def _entry(name: str, result: MetricResult, scale: float = 1.0, interval: str = 
 
 
 def _with_claim(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """The paper's claim and the verdict beside it; a number the study fixes itself says so instead."""
     claim = paper.CLAIMS.get(name)
-    if claim is not None and claim.no_effect is not None and claim.side is not None:
-        entry.update({"paper": claim.value, "paper_ref": f"{claim.where}: {claim.text}", "no_effect": claim.no_effect,
-                      "paper_side": claim.side,
+    if claim is None:
+        return entry
+    entry.update({"paper": claim.value, "paper_ref": f"{claim.where}: {claim.text}"})
+    if name in paper.BY_DESIGN:
+        entry.update({"verdict": FIXED_BY_DESIGN, "by_design": paper.BY_DESIGN[name]})
+    elif claim.no_effect is not None and claim.side is not None:
+        entry.update({"no_effect": claim.no_effect, "paper_side": claim.side,
                       "verdict": verdict(entry["low"], entry["high"], claim.no_effect, claim.side, n=entry["n"])})
     return entry
 
@@ -153,17 +232,16 @@ def _read_csv(path: Path, text: bool = False) -> pd.DataFrame:
 
 
 def _win_rates(results_dir: Path, best_of_n: int | None, notes: list[str]) -> dict[str, dict[str, Any]]:
-    """Win rates vs SFT from the analysis's table (held-out labelers, eval prompts, bootstrap over prompts)."""
+    """Win rates vs SFT, GPT and GPT prompted from the analysis's table (held-out labelers, eval prompts,
+    bootstrap over prompts: each prompt's two answers are judged together, so the rate is paired)."""
     table = _read_csv(results_dir / "analysis_win_rate.csv")
-    if "baseline_method" in table.columns:
-        table = table[table["baseline_method"] == BASELINE]
-    else:
-        table = table[table["baseline"].astype(str).str.split("@").str[0] == BASELINE]
+    baselines = (table["baseline_method"] if "baseline_method" in table.columns
+                 else table["baseline"].astype(str).str.split("@").str[0])
     out: dict[str, dict[str, Any]] = {}
-    for name, method in WIN_RATE_METHODS.items():
-        rows = table[table["method"] == method]
+    for name, (method, baseline) in WIN_RATES.items():
+        rows = table[(table["method"] == method) & (baselines == baseline)]
         if rows.empty:
-            out[name] = {"missing": f"no {method} row vs {BASELINE} in analysis_win_rate.csv (was {method} run?)"}
+            out[name] = {"missing": f"no {method} row vs {baseline} in analysis_win_rate.csv (was {method} run?)"}
             continue
         row = rows.iloc[0]
         n = int(row["n"]) if pd.notna(row["n"]) else 0
@@ -171,9 +249,9 @@ def _win_rates(results_dir: Path, best_of_n: int | None, notes: list[str]) -> di
         try:
             result, how = _non_degenerate(result, "bootstrap 95% over prompts (analysis_win_rate.csv)")
         except _Missing as why:
-            out[name] = {"missing": f"{method} vs {BASELINE}: {why}"}
+            out[name] = {"missing": f"{method} vs {baseline}: {why}"}
             continue
-        extra: dict[str, Any] = {"baseline": str(row.get("baseline", BASELINE)), "judges": "held-out labelers",
+        extra: dict[str, Any] = {"baseline": str(row.get("baseline", baseline)), "judges": "held-out labelers",
                                  "n_unit": "eval prompts"}
         if method == "best-of-n" and best_of_n is not None:
             extra["best_of"] = int(best_of_n)
@@ -182,6 +260,61 @@ def _win_rates(results_dir: Path, best_of_n: int | None, notes: list[str]) -> di
             extra["note"] += "".join(f"; {n}" for n in notes if n.startswith("best-of-n"))  # e.g. identical samples
         out[name] = _entry(name, result, 100.0, how, **extra)
     return out
+
+
+def _paired(results_dir: Path, quantity: str, seed: int, n_resamples: int) -> dict[str, dict[str, Any]]:
+    """Each comparison of a PairedSource: method minus baseline over the items both answered, paired bootstrap."""
+    source = PAIRED_SOURCES[quantity]
+    table = _read_csv(results_dir / source.file, text=True)
+    if source.prepare is not None:
+        table = source.prepare(table)
+    out: dict[str, dict[str, Any]] = {}
+    for method, baseline in source.comparisons:
+        name = paired_name(quantity, method, baseline)
+        values = {m: table[table["method"] == m].drop_duplicates(source.key).set_index(source.key)[source.column]
+                  .astype(float) for m in (method, baseline)}
+        absent = [m for m, v in values.items() if v.empty]
+        if absent:
+            out[name] = {"missing": f"no {' or '.join(absent)} items in {source.file} (was it run?)"}
+            continue
+        common = values[method].index.intersection(values[baseline].index)
+        a, b = values[method][common].to_numpy(), values[baseline][common].to_numpy()
+        if not len(common) or not np.isfinite(a - b).all():
+            out[name] = {"missing": f"{method} and {baseline} share no {source.items} with finite values in {source.file}"}
+            continue
+        result = paired_bootstrap(a, b, n_resamples=n_resamples, seed=seed, bounds=(-1.0, 1.0))
+        how = f"paired bootstrap 95% over {source.items} (the same {len(common)} for both)"
+        if np.ptp(a - b) == 0:
+            how = (f"every one of the {len(common)} {source.items} differed by the same amount: the interval is the "
+                   f"Clopper-Pearson bound on the share of {source.items} that could differ")
+        out[name] = _entry(name, result, 100.0, how, n_unit=source.items, method=method, baseline=baseline,
+                           value_method=100.0 * float(a.mean()), value_baseline=100.0 * float(b.mean()))
+    return out
+
+
+def _agreement(results_dir: Path, reward_dir: Path | None, metrics: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], str]:
+    """Inter-labeler agreement by group from the reward stage's agreement.csv, else metrics.json (with n)."""
+    path = reward_dir / "agreement.csv" if reward_dir is not None else None
+    if path is not None and path.exists():
+        rows = {str(r["group"]): {"value": r["mean"], "ci_low": r["low"], "ci_high": r["high"], "n": r["n_prompts"]}
+                for r in pd.read_csv(path).to_dict(orient="records")}
+        source = _source(path, results_dir)
+    else:
+        rows, source = metrics.get("labeler_agreement", {}), "metrics.json"
+    out: dict[str, dict[str, Any]] = {}
+    for name, group in AGREEMENT_GROUPS.items():
+        row = rows.get(group)
+        if row is None or not isinstance(row.get("n"), (int, float)) or not math.isfinite(row["n"]):
+            out[name] = {"missing": f"no '{group}' agreement with its n (reward stage agreement.csv or metrics.json)"}
+            continue
+        result = MetricResult(float(row["value"]), float(row["ci_low"]), float(row["ci_high"]), int(row["n"]))
+        try:
+            result, how = _non_degenerate(result, "bootstrap 95% over the calibration prompts (reward stage)")
+        except _Missing as why:
+            out[name] = {"missing": f"'{group}' agreement: {why}"}
+            continue
+        out[name] = _entry(name, result, 100.0, how, n_unit="prompts")
+    return out, source
 
 
 def _ppo_answers(results_dir: Path, seed: int, n_resamples: int) -> dict[str, dict[str, Any]]:
@@ -319,8 +452,12 @@ def build_findings(
             entries[name], sources[name] = entry, source_used
 
     collect(tuple(RM_SETS), "", lambda: _rm_accuracy(results_dir, reward, seed, n_resamples))
-    collect(tuple(WIN_RATE_METHODS), "analysis_win_rate.csv",
+    collect(tuple(AGREEMENT_GROUPS), "", lambda: _agreement(results_dir, reward, metrics))
+    collect(tuple(WIN_RATES), "analysis_win_rate.csv",
             lambda: _win_rates(results_dir, best_of_n, list(metrics.get("notes", []))))
+    for quantity, source in PAIRED_SOURCES.items():
+        collect(tuple(paired_name(quantity, m, b) for m, b in source.comparisons), source.file,
+                lambda q=quantity: _paired(results_dir, q, seed, n_resamples))
     collect(("ppo_distinct_fraction", "ppo_length_ratio", "ppo_top_answer_fraction"),
             "analysis_generations.csv", lambda: _ppo_answers(results_dir, seed, n_resamples))
     collect(("reward_stage_minutes",), "", lambda: _reward_minutes(results_dir, reward))
@@ -335,7 +472,7 @@ def build_findings(
             "written_utc": datetime.now(UTC).isoformat(timespec="seconds"), "bootstrap_resamples": n_resamples,
             "paper": paper.PAPER, "sources": sources, "missing_reasons": {m: reasons.get(m, "not computed") for m in missing},
             "verdict_rule": "agrees only when the 95% interval lies on the paper's side of no effect, disagrees when "
-                            "on the other side, else inconclusive",
+                            "on the other side, else inconclusive; fixed by design for numbers the study sets itself",
         },
     }
 
@@ -414,6 +551,8 @@ def _validate_entry(name: str, entry: Any) -> None:
         said = entry["verdict"]
         if said not in ALL_VERDICTS:
             fail(f"verdict must be one of {ALL_VERDICTS}, got {said!r}")
+        if said == FIXED_BY_DESIGN and not entry.get("by_design"):
+            fail("a 'fixed by design' verdict needs a by_design note saying how the study fixes it")
         if said != FIXED_BY_DESIGN:
             no_effect, side = entry.get("no_effect"), entry.get("paper_side")
             if not _is_number(no_effect) or side not in ("above", "below"):
@@ -466,6 +605,12 @@ def _note(entry: Mapping[str, Any]) -> str:
     parts = []
     if "best_of" in entry:
         parts.append(f"best-of-{entry['best_of']}")
+    if "value_method" in entry:
+        parts.append(f"{entry['method']} {entry['value_method']:.1f} vs {entry['baseline']} {entry['value_baseline']:.1f}")
+    if "by_design" in entry:
+        parts.append(entry["by_design"])
+    if "Clopper-Pearson bound" in str(entry.get("interval", "")):
+        parts.append("no spread: Clopper-Pearson bound")
     if "top_answer" in entry:
         parts.append(f"top answer: {json.dumps(entry['top_answer'][:40])}")
     if "Wilson" in str(entry.get("interval", "")) and "bootstrap collapsed" in str(entry.get("interval", "")):

@@ -9,9 +9,10 @@ feedback", arXiv 2203.02155. Used by `rlhf_lib.findings` (findings.json's "paper
     paper.CLAIMS["rm_accuracy_heldout"]  # PaperClaim(...)
 
 `value` is in the claim's `unit`; `no_effect` is the value at which the effect the paper reports would
-vanish (50% for accuracies and win rates: chance / a tie) and `side` says on which side of it the paper's
-number lies. A claim the paper makes only as a direction (a figure, no number in the text) has
-`value=None`; its verdict is still decided by the side of no effect.
+vanish (50% for accuracies and win rates: chance / a tie; 0 for a difference between two methods) and
+`side` says on which side of it the paper's number lies. A claim the paper makes only as a direction (a
+figure, no number in the text) has `value=None`; its verdict is still decided by the side of no effect.
+A claim without `no_effect` is a number this study sets by design (BY_DESIGN says how): no verdict.
 """
 
 from __future__ import annotations
@@ -72,10 +73,61 @@ SQUAD_F1 = {  # Table 14, 175B, few-shot SQuADv2 F1
     "PPO-ptx": PaperClaim(69.93, "F1", "Table 14 (175B, few-shot SQuADv2)", "69.93"),
 }
 
+
+# Differences between two methods on the same items (method minus baseline), in points; no effect is 0.
+SQUAD_TAX = PaperClaim(
+    round(SQUAD_F1["PPO"].value - SQUAD_F1["GPT"].value, 2), "F1 points", "Table 14 (175B, few-shot SQuADv2)",
+    "PPO 51.95 vs GPT 69.75: 17.8 F1 lower (the alignment tax)", no_effect=0.0, side="below",
+)
+SQUAD_RECOVERY = PaperClaim(
+    round(SQUAD_F1["PPO-ptx"].value - SQUAD_F1["PPO"].value, 2), "F1 points", "Table 14 (175B, few-shot SQuADv2)",
+    "PPO-ptx 69.93 vs PPO 51.95: 18.0 F1 higher (pretraining mix recovers the tax)", no_effect=0.0, side="above",
+)
+HALLUCINATION_FEWER = PaperClaim(
+    HALLUCINATION_INSTRUCT.value - HALLUCINATION_GPT.value, "percentage points",
+    "section 4.2 / Figure 4 (closed-domain)", "21% vs 41%: 20 points fewer (InstructGPT vs GPT-3)",
+    no_effect=0.0, side="below",
+)
+TRUTHFULQA_MORE = PaperClaim(
+    None, "percentage points", "section 4.2 / Figure 6", "true & informative about twice as often as GPT-3 (direction)",
+    no_effect=0.0, side="above",
+)
+TOXICITY_FEWER = PaperClaim(
+    None, "percentage points", "section 4.2 / Figure 7 (respectful instruction)",
+    "less toxic than GPT-3 with the respectful instruction, about 25% fewer (direction)", no_effect=0.0, side="below",
+)
+# Section 4.2 (human evaluations): "Our SFT baseline is the least toxic out of all of our models".
+SFT_LEAST_TOXIC_TEXT = "the SFT baseline is the least toxic of the paper's models (direction)"
+PPO_MORE_TOXIC_THAN_SFT = PaperClaim(
+    None, "percentage points", "section 4.2 / Figure 7 (human evaluations)", SFT_LEAST_TOXIC_TEXT,
+    no_effect=0.0, side="above",
+)
+SFT_LESS_TOXIC_THAN_GPT = PaperClaim(
+    None, "percentage points", "section 4.2 / Figure 7 (human evaluations)", SFT_LEAST_TOXIC_TEXT,
+    no_effect=0.0, side="below",
+)
+
 # findings.json metric name -> the paper's claim about it (metrics without one have no entry).
 CLAIMS: dict[str, PaperClaim] = {
     "rm_accuracy_train": RM_ACCURACY_TRAIN,
     "rm_accuracy_heldout": RM_ACCURACY_HELDOUT,
+    "agreement_train": AGREEMENT_TRAIN,
+    "agreement_heldout": AGREEMENT_HELDOUT,
     "win_rate_ppo_vs_sft": WIN_PPO_VS_SFT,
     "win_rate_ppo_ptx_vs_sft": WIN_PPO_PTX_VS_SFT,
+    "win_rate_ppo_ptx_vs_gpt": WIN_VS_GPT,
+    "win_rate_ppo_ptx_vs_gpt_prompted": WIN_VS_GPT_PROMPTED,
+    "hallucination_rate_ppo_ptx_minus_gpt": HALLUCINATION_FEWER,
+    "truthfulqa_true_informative_ppo_ptx_minus_gpt": TRUTHFULQA_MORE,
+    "toxic_rate_respectful_ppo_ptx_minus_gpt": TOXICITY_FEWER,
+    "toxic_rate_respectful_sft_minus_gpt": SFT_LESS_TOXIC_THAN_GPT,
+    "toxic_rate_respectful_ppo_minus_sft": PPO_MORE_TOXIC_THAN_SFT,
+    "squad_f1_ppo_minus_gpt": SQUAD_TAX,
+    "squad_f1_ppo_ptx_minus_ppo": SQUAD_RECOVERY,
+}
+
+# Claims about numbers this study fixes itself, with how: they get no verdict (DESIGN.md, "Statistics").
+BY_DESIGN: dict[str, str] = {
+    "agreement_train": "the labelers' shared noise is calibrated until training labelers agree at the paper's 72.6%",
+    "agreement_heldout": "held-out labelers share the noise scale calibrated on the training labelers' agreement",
 }

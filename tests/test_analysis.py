@@ -206,6 +206,9 @@ def test_stage_writes_generations_and_metrics_for_every_available_method(analyse
     assert "truthfulqa_mc1" in metrics["methods"]["DPO"] and "squad_f1" not in metrics["methods"]["DPO"]
     assert metrics["counts"]["truthfulqa_questions"] == 3  # evaluation.max_items caps the 4 questions
     assert set(tables["hallucination"]["n"]) == {1}  # only the eval prompt with a context is closed-domain
+    # ... and per prompt, for findings' paired differences: one closed-domain prompt, every method on it.
+    per_item = tables["hallucination_per_item"]
+    assert per_item["prompt_id"].nunique() == 1 and set(per_item["method"]) == set(expected)
     # Missing upstream artifacts: skipped and reported, never silently absent.
     assert "PPO-ptx" in metrics["skipped"] and "ppo_ptx" in metrics["skipped"]["PPO-ptx"]
     assert any("1 logged samples matched no PPO-split prompt" in note for note in metrics["notes"])
@@ -215,7 +218,7 @@ def test_stage_writes_generations_and_metrics_for_every_available_method(analyse
     # n counts prompts (resampled whole with their pairs): the fake predictions put both HHH pairs on prompt "p".
     assert metrics["rm_accuracy"]["train_labelers"]["value"] == 1.0 and metrics["rm_accuracy"]["hhh"]["n"] == 1
     assert tables["rm_accuracy"].set_index(["mode", "set"]).loc[("kwise", "hhh"), "n_pairs"] == 2
-    assert metrics["labeler_agreement"]["train-train"]["value"] == 0.7
+    assert metrics["labeler_agreement"]["train-train"] == {"value": 0.7, "ci_low": 0.6, "ci_high": 0.8, "n": 2}
     assert metrics["judges"]["noise_scale"] == 0.05  # the reward stage's calibrated noise
     assert (stage_dir / "dpo" / "policy" / "adapter_model.safetensors").exists()
     assert not list(paths.root.glob("work-analysis-*"))  # the DPO resume copy is removed once the stage is done
@@ -442,6 +445,13 @@ def test_headline_numbers_recompute_from_the_shared_files(analysed, tmp_path):
     assert {"win_rate_ppo_vs_sft", "win_rate_best_of_n_vs_sft", "rm_accuracy_train", "reward_stage_minutes"} <= set(findings)
     assert findings["win_rate_ppo_vs_sft"]["n"] == len(data.split("eval"))
     assert findings["rm_accuracy_train"]["n"] == 1  # the fake predictions put every pair on one prompt
+    # Paired differences come from the exported per-item tables, n the items both methods answered.
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["methods"]
+    for name, key in (("squad_f1_ppo_minus_gpt", "squad_f1"), ("toxic_rate_respectful_ppo_minus_sft", "toxic_rate_respectful"),
+                      ("truthfulqa_true_informative_ppo_minus_gpt", "truthfulqa_true_informative"),
+                      ("hallucination_rate_ppo_minus_gpt", "hallucination_rate")):
+        assert findings[name]["n"] == metrics["PPO"][key]["n"], name
+    assert findings["agreement_train"]["n"] == 2 and findings["agreement_train"]["verdict"] == "fixed by design"
     table = recheck_from_saved(cfg, paths, tmp_path)
     assert set(table["metric"]) == {"win_rate_vs_SFT", "truthfulqa_mc1", "truthfulqa_true_informative"}
     assert {"GPT", "SFT", "PPO", "DPO"} <= set(table["method"])

@@ -25,6 +25,7 @@ from rlhf_lib.evaluation.stats import (
 )
 from rlhf_lib.findings import (
     FINDINGS_FILE,
+    FIXED_BY_DESIGN,
     SPECS,
     build_findings,
     findings_table,
@@ -188,12 +189,44 @@ def test_rm_accuracy_no_effect_is_chance_even_far_below_the_papers_number():
 # --------------------------------------------------------------------------------------------
 
 N_PROMPTS = 20
+N_ITEMS = 16  # questions / prompts of the per-item tables
+TOXIC_TEXT, CLEAN_TEXT = "you are a stupid fucking idiot", "Thank you, have a lovely day."
+
+
+def _per_item_tables(folder: Path, methods: list[str]) -> None:
+    """Per-item tables with known paired differences (every method answers the same N_ITEMS items)."""
+    squad = {"GPT": [1.0] * N_ITEMS, "SFT": [1.0] * 8 + [0.0] * 8, "PPO": [0.0] * 12 + [1.0] * 4,
+             "PPO-ptx": [0.0] * 12 + [1.0] * 4}  # PPO: 75 F1 points below GPT; PPO-ptx answers exactly as PPO
+    truthful = {"GPT": [1.0] * 12 + [0.0] * 4, "SFT": [1.0] * 12 + [0.0] * 4, "PPO": [1.0] * 12 + [0.0] * 4,
+                "PPO-ptx": [0.0] * N_ITEMS}  # PPO-ptx 75 points below GPT: the paper's opposite
+    toxic = {"GPT": [True] * 8 + [False] * 8, "SFT": [False] * N_ITEMS, "PPO": [False] * N_ITEMS,
+             "PPO-ptx": [False] * N_ITEMS}
+    flagged = {"GPT": [1.0] * 9 + [0.0] * 3, "SFT": [0.5] * 12, "PPO": [1.0] * 9 + [0.0] * 3, "PPO-ptx": [0.0] * 12}
+    squad_rows, tqa_rows, tox_rows, hall_rows = [], [], [], []
+    for m in methods:
+        for i in range(N_ITEMS):
+            squad_rows.append({"id": f"sq{i}", "prediction": "x", "f1": squad[m][i], "em": squad[m][i], "method": m,
+                               "size": "tiny"})
+            tqa_rows.append({"id": f"tq{i}", "true_informative": truthful[m][i], "method": m, "size": "tiny"})
+            tox_rows.append({"prompt_id": f"tox{i}", "condition": "respectful", "method": m, "size": "tiny",
+                             "completion": TOXIC_TEXT if toxic[m][i] else CLEAN_TEXT})
+            # The plain condition must be ignored: here PPO-ptx is always toxic.
+            tox_rows.append({"prompt_id": f"tox{i}", "condition": "plain", "method": m, "size": "tiny",
+                             "completion": TOXIC_TEXT if m == "PPO-ptx" else CLEAN_TEXT})
+        hall_rows += [{"method": m, "size": "tiny", "prompt_id": f"c{i}", "hallucinates": v} for i, v in enumerate(flagged[m])]
+    pd.DataFrame(squad_rows).to_csv(folder / "analysis_squad_per_item.csv", index=False)
+    pd.DataFrame(tqa_rows).to_csv(folder / "analysis_truthfulqa_per_item.csv", index=False)
+    pd.DataFrame(tox_rows).to_csv(folder / "analysis_toxicity_generations.csv", index=False)
+    pd.DataFrame(hall_rows).to_csv(folder / "analysis_hallucination_per_item.csv", index=False)
 
 
 def _toy_results(folder: Path, ppo: bool = True, win_degenerate: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    agreement = {"train-train": {"value": 0.73, "ci_low": 0.71, "ci_high": 0.75, "n": 30},
+                 "heldout-heldout": {"value": 0.76, "ci_low": 0.74, "ci_high": 0.78, "n": 30}}
     (folder / "metrics.json").write_text(json.dumps({"preset": "tiny", "seed": 0, "fingerprint": "f00",
-                                                     "counts": {"best_of_n": 16, "eval_prompts": N_PROMPTS}}))
+                                                     "counts": {"best_of_n": 16, "eval_prompts": N_PROMPTS},
+                                                     "labeler_agreement": agreement}))
     methods = {"best-of-n": (0.6, 0.52, 0.68), "PPO": (0.125, 0.05, 0.2), "PPO-ptx": (0.55, 0.4, 0.7),
                "SFT": (0.5, 0.5, 0.5)}
     if not ppo:
@@ -205,8 +238,10 @@ def _toy_results(folder: Path, ppo: bool = True, win_degenerate: bool = False) -
             for m, (v, lo, hi) in methods.items()]
     # Rows against another baseline must not be taken for win rates vs SFT.
     rows += [{**r, "value": 0.99, "ci_low": 0.98, "ci_high": 1.0, "baseline": "GPT@tiny", "baseline_method": "GPT"}
-             for r in rows]
+             for r in rows] + [{**r, "value": 0.3, "ci_low": 0.2, "ci_high": 0.45, "baseline": "GPT prompted@tiny",
+                                "baseline_method": "GPT prompted"} for r in rows]
     pd.DataFrame(rows).to_csv(folder / "analysis_win_rate.csv", index=False)
+    _per_item_tables(folder, ["GPT", "SFT", "PPO", "PPO-ptx"] if ppo else ["GPT", "SFT"])
     gens = [{"method": "SFT", "size": "tiny", "prompt_id": f"e{i}", "prompt": f"q{i}",
              "completion": " ".join(["word"] * 10)} for i in range(N_PROMPTS)]
     if ppo:  # a collapsed policy: 18 of 20 prompts get "No", two get something else
@@ -232,6 +267,9 @@ def test_written_findings_validate_and_hold_the_right_numbers(tmp_path):
     reward.mkdir()
     (reward / "DONE.json").write_text(json.dumps({"seconds": 600.0}))
     (reward / "timing.json").write_text(json.dumps({"comparisons_seconds": 3.0, "features_seconds": 240.0, "bias": 0.1}))
+    # The reward stage's agreement.csv comes before metrics.json's copy of it.
+    pd.DataFrame({"group": ["train-train", "heldout-heldout"], "mean": [0.72, 0.75], "low": [0.7, 0.72],
+                  "high": [0.74, 0.78], "n_prompts": [40, 40]}).to_csv(reward / "agreement.csv", index=False)
     path = write_findings(results, reward_dir=reward, n_resamples=500)
     assert path == results / FINDINGS_FILE
     record = json.loads(path.read_text())
@@ -261,6 +299,11 @@ def test_written_findings_validate_and_hold_the_right_numbers(tmp_path):
     assert minutes["value"] == 10.0 and minutes["low"] is None and minutes["no_interval_reason"]  # DONE.json first
     assert minutes["parts_minutes"] == {"comparisons": 0.05, "features": 4.0}  # where the time went; bias is no time
 
+    agreement = record["agreement_train"]
+    assert (agreement["value"], agreement["n"], agreement["paper"]) == pytest.approx((72.0, 40, 72.6))
+    assert agreement["verdict"] == FIXED_BY_DESIGN and "calibrated" in agreement["by_design"] and "no_effect" not in agreement
+    assert record["about"]["sources"]["agreement_train"] == "reward/agreement.csv"
+
     # Without the reward stage, run_record.json's copy of its seconds is used.
     assert build_findings(results, n_resamples=100)["reward_stage_minutes"]["value"] == 20.0
     table = findings_table(load_findings(results))
@@ -274,12 +317,46 @@ def test_missing_ppo_is_listed_never_invented(tmp_path):
     (results / "run_record.json").unlink()
     record = json.loads(write_findings(results, n_resamples=100).read_text())
     validate_findings(record)
-    gone = {"win_rate_ppo_vs_sft", "win_rate_ppo_ptx_vs_sft", "ppo_distinct_fraction", "ppo_length_ratio",
-            "ppo_top_answer_fraction", "rm_accuracy_train", "rm_accuracy_heldout", "reward_stage_minutes"}
+    gone = {name for name in SPECS if "ppo" in name} | {"rm_accuracy_train", "rm_accuracy_heldout", "reward_stage_minutes"}
     assert set(record["missing"]) == gone and not gone & set(record)
-    assert "win_rate_best_of_n_vs_sft" in record
+    assert {"win_rate_best_of_n_vs_sft", "squad_f1_sft_minus_gpt", "toxic_rate_respectful_sft_minus_gpt"} <= set(record)
     reasons = record["about"]["missing_reasons"]
     assert "PPO" in reasons["ppo_distinct_fraction"] and "reward" in reasons["rm_accuracy_train"]
+    assert "no PPO-ptx or PPO items in analysis_squad_per_item.csv" in reasons["squad_f1_ppo_ptx_minus_ppo"]
+
+
+def test_paired_differences_have_n_the_papers_sign_and_every_verdict(tmp_path):
+    record = build_findings(_toy_results(tmp_path / "results"), n_resamples=1000)
+    validate_findings(record)
+    tax = record["squad_f1_ppo_minus_gpt"]  # PPO 75 F1 points below GPT, as the paper's alignment tax (below 0)
+    assert (tax["value"], tax["n"], tax["unit"], tax["n_unit"]) == (pytest.approx(-75.0), N_ITEMS, "F1 points", "questions")
+    assert tax["high"] < 0 and tax["paper"] == pytest.approx(-17.8) and tax["paper_side"] == "below"
+    assert tax["no_effect"] == 0.0 and tax["verdict"] == "agrees" and "paired bootstrap" in tax["interval"]
+    assert (tax["value_method"], tax["value_baseline"]) == pytest.approx((25.0, 100.0))
+    truthful = record["truthfulqa_true_informative_ppo_ptx_minus_gpt"]  # 75 points below GPT; the paper: above
+    assert truthful["value"] == pytest.approx(-75.0) and truthful["verdict"] == "disagrees"
+    same = record["squad_f1_ppo_ptx_minus_ppo"]  # identical answers: no spread, a Clopper-Pearson bound, not [0, 0]
+    bound = 100 * (1 - 0.025 ** (1 / N_ITEMS))
+    assert same["value"] == 0.0 and (same["low"], same["high"]) == pytest.approx((-bound, bound))
+    assert same["verdict"] == "inconclusive" and "Clopper-Pearson" in same["interval"]
+    toxic = record["toxic_rate_respectful_ppo_ptx_minus_gpt"]  # respectful condition only: plain rows are ignored
+    assert toxic["value"] == pytest.approx(-50.0) and toxic["n_unit"] == "prompts" and toxic["verdict"] == "agrees"
+    assert record["toxic_rate_respectful_ppo_minus_sft"]["verdict"] == "inconclusive"
+    hallucination = record["hallucination_rate_ppo_ptx_minus_gpt"]
+    assert hallucination["value"] == pytest.approx(-75.0) and hallucination["n"] == 12 and hallucination["verdict"] == "agrees"
+    without_claim = record["squad_f1_sft_minus_gpt"]  # the paper gives no SFT number: no verdict, still an interval
+    assert "verdict" not in without_claim and without_claim["low"] < without_claim["value"] < without_claim["high"]
+    assert record["win_rate_ppo_ptx_vs_gpt"]["verdict"] == "agrees"  # 99 [98, 100] vs the paper's 85 above 50
+    assert record["win_rate_ppo_ptx_vs_gpt_prompted"]["verdict"] == "disagrees"  # 30 [20, 45]: below 50
+    table = findings_table(record)
+    assert table.loc["squad_f1_ppo_minus_gpt", "n"] == str(N_ITEMS) and "PPO 25.0 vs GPT 100.0" in table.loc["squad_f1_ppo_minus_gpt", "note"]
+
+
+def test_every_paper_claim_gets_a_verdict_or_says_it_is_fixed_by_design():
+    for name, claim in paper.CLAIMS.items():
+        assert name in SPECS, name
+        assert (claim.no_effect is not None and claim.side in ("above", "below")) != (name in paper.BY_DESIGN), name
+    assert paper.SQUAD_TAX.value == pytest.approx(51.95 - 69.75) and paper.SQUAD_RECOVERY.value == pytest.approx(17.98)
 
 
 def test_a_collapsed_bootstrap_gets_a_wilson_interval_not_zero_width(tmp_path):
@@ -302,6 +379,10 @@ def _valid_record(tmp_path: Path) -> dict:
     ("ppo_top_answer_fraction", lambda e: e.update(n=0), "n must be"),
     ("ppo_top_answer_fraction", lambda e: e.update(n=3.5), "n must be"),
     ("rm_accuracy_heldout", lambda e: e.update(verdict="maybe"), "verdict must be"),
+    ("squad_f1_ppo_ptx_minus_ppo", lambda e: e.update(low=e["value"], high=e["value"]), "zero-width"),
+    ("squad_f1_ppo_minus_gpt", lambda e: e.pop("n"), "missing key"),
+    ("toxic_rate_respectful_ppo_ptx_minus_gpt", lambda e: e.update(verdict="disagrees"), "contradicts"),
+    ("agreement_train", lambda e: e.pop("by_design"), "by_design"),
     ("win_rate_ppo_vs_sft", lambda e: e.update(verdict="agrees"), "contradicts"),
     ("rm_accuracy_train", lambda e: e.pop("verdict"), "no verdict"),
     ("rm_accuracy_train", lambda e: e.pop("paper_side"), "paper_side"),
@@ -369,7 +450,8 @@ def test_export_results_writes_findings_beside_the_tables(tmp_path):
     stage = tmp_path / "stage"
     stage.mkdir()
     shutil.copy2(toy / "metrics.json", stage / "metrics.json")
-    for name in ("win_rate", "generations"):
+    for name in ("win_rate", "generations", "squad_per_item", "truthfulqa_per_item", "toxicity_generations",
+                 "hallucination_per_item"):
         shutil.copy2(toy / f"analysis_{name}.csv", stage / f"{name}.csv")
     reward = tmp_path / "reward"
     reward.mkdir()
@@ -426,4 +508,5 @@ def test_a_win_rate_without_prompts_is_missing_not_crashing(tmp_path):
     table.to_csv(results / "analysis_win_rate.csv", index=False)
     record = build_findings(results, n_resamples=100)
     validate_findings(record)
-    assert record["missing"] == ["win_rate_ppo_ptx_vs_sft"] and "win_rate_ppo_vs_sft" in record
+    assert record["missing"] == ["win_rate_ppo_ptx_vs_sft", "win_rate_ppo_ptx_vs_gpt", "win_rate_ppo_ptx_vs_gpt_prompted"]
+    assert "win_rate_ppo_vs_sft" in record
