@@ -9,8 +9,12 @@ beside every number; run_all.py calls `write_summary` after the last notebook::
     headline_table(metrics)                                         # one size: methods x headline numbers
     paper_comparison({"tiny": metrics})                             # the paper's numbers beside ours
 
-Rates are shown in percent as `value [95% interval]`. The paper's InstructGPT is PPO-ptx; where PPO-ptx
-did not run, PPO stands in and the table says so. The paper's numbers are for 175B policies and a 6B
+Rates are shown in percent as `value [95% interval] (n=items)`; no interval of zero width is printed (a
+rate whose bootstrap collapsed, every item scoring the same, gets the Wilson interval of its n, marked
+`*`). Where a size's findings.json holds a row of the paper comparison, the row is rendered from it
+(paired differences over the same items, and its verdict); otherwise from metrics.json, where intervals
+of two methods are compared side by side. The paper's InstructGPT is PPO-ptx; where PPO-ptx did not run,
+PPO stands in for the rows from metrics.json and the table says so. The paper's numbers are for 175B policies and a 6B
 RM, trained on tens of thousands of human comparisons; ours are for the preset's model and simulated
 labelers, so the comparison is about direction and rough size, not about matching digits.
 """
@@ -30,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from rlhf_lib import paper
+from rlhf_lib.evaluation.stats import wilson_interval
 
 # (key in metrics.json "methods", column label, percent?)
 HEADLINE_COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -52,16 +57,38 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _n(result: Mapping[str, Any]) -> int | None:
+    n = result.get("n")
+    return int(n) if _finite(n) and n >= 1 else None
+
+
 def format_result(result: Mapping[str, Any] | None, percent: bool = True, digits: int | None = None) -> str:
-    """`62.5 [50.0, 75.0]` (percent) or `4.12 [3.90, 4.31]`; `n/a` when absent."""
+    """`62.5 [50.0, 75.0] (n=64)` (percent) or `4.12 [3.90, 4.31] (n=64)`; `n/a` when absent.
+
+    An interval of zero width is never printed: a rate (percent) whose bootstrap collapsed, every item
+    scoring the same, gets the Wilson interval of value * n out of n, marked `*`; other numbers then show
+    their value alone, with "no spread". A result saved without its n says so rather than hide it.
+    """
     if not result or not _finite(result.get("value")):
         return "n/a"
     scale = 100.0 if percent else 1.0
     digits = (1 if percent else 2) if digits is None else digits
-    text = f"{result['value'] * scale:.{digits}f}"
-    if _finite(result.get("ci_low")) and _finite(result.get("ci_high")):
-        text += f" [{result['ci_low'] * scale:.{digits}f}, {result['ci_high'] * scale:.{digits}f}]"
-    return text
+    value, low, high, n = result["value"], result.get("ci_low"), result.get("ci_high"), _n(result)
+    text, mark = f"{value * scale:.{digits}f}", ""
+    if _finite(low) and _finite(high) and not high > low:
+        if percent and n is not None and 0 <= value <= 1:
+            (low, high), mark = wilson_interval(value * n, n), "*"
+        else:
+            low = high = None
+            text += " (no spread)"
+    if _finite(low) and _finite(high):
+        text += f" [{low * scale:.{digits}f}, {high * scale:.{digits}f}]{mark}"
+    return text + (f" (n={n})" if n is not None else " (n not recorded)")
+
+
+def _self_comparison(key: str, method: str) -> bool:
+    """A win rate of a method against itself (SFT vs SFT): 50% by construction, not a measurement."""
+    return key.startswith("win_rate_vs_") and key.removeprefix("win_rate_vs_").replace("_", " ") == method
 
 
 def headline_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
@@ -71,7 +98,8 @@ def headline_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
     rows = []
     for method in methods:
         values = by_method[method]
-        rows.append({"method": method, **{label: format_result(values.get(key), percent)
+        rows.append({"method": method, **{label: "baseline" if _self_comparison(key, method) and key in values
+                                          else format_result(values.get(key), percent)
                                           for key, label, percent in HEADLINE_COLUMNS}})
     return pd.DataFrame(rows, columns=["method", *[label for _, label, _ in HEADLINE_COLUMNS]]).set_index("method")
 
@@ -91,37 +119,36 @@ def _instruct(metrics: Mapping[str, Any]) -> tuple[str | None, str]:
     return None, "n/a (no PPO run)"
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def _ours(metrics: Mapping[str, Any]) -> list[str]:
-    """Our number for each row of PAPER_ROWS, as text."""
+    """Our number for each row of PAPER_ROWS from metrics.json, as text: every number with its interval and n."""
     method, label = _instruct(metrics)
     methods = metrics.get("methods", {})
 
-    def ours(key: str) -> float | None:
-        return _value(metrics, method, key) if method else None
+    def ours(key: str) -> Mapping[str, Any] | None:
+        return methods.get(method, {}).get(key) if method else None
 
-    def gpt(key: str) -> float | None:
-        return _value(metrics, "GPT", key)
+    def gpt(key: str) -> Mapping[str, Any] | None:
+        return methods.get("GPT", {}).get(key)
 
     out = []
     for baseline in ("GPT", "GPT_prompted"):
-        result = methods.get(method, {}).get(f"win_rate_vs_{baseline}") if method else None
-        out.append(f"{format_result(result)} ({label} vs {baseline.replace('_', ' ')})" if method else label)
-    out.append(f"{_pct(ours('hallucination_rate'))} vs {_pct(gpt('hallucination_rate'))} ({label} vs GPT)")
-    mine, base = ours("truthfulqa_true_informative"), gpt("truthfulqa_true_informative")
+        out.append(f"{format_result(ours(f'win_rate_vs_{baseline}'))} ({label} vs {baseline.replace('_', ' ')})"
+                   if method else label)
+    out.append(f"{format_result(ours('hallucination_rate'))} vs {format_result(gpt('hallucination_rate'))} ({label} vs GPT)")
+    mine, base = _value(metrics, method, "truthfulqa_true_informative") if method else None, _value(
+        metrics, "GPT", "truthfulqa_true_informative")
     ratio = f" = {mine / base:.2f}x" if mine is not None and base else ""
-    out.append(f"{_pct(mine)} vs {_pct(base)}{ratio} ({label} vs GPT)")
-    mine, base = ours("toxic_rate_respectful"), gpt("toxic_rate_respectful")
+    out.append(f"{format_result(ours('truthfulqa_true_informative'))} vs "
+               f"{format_result(gpt('truthfulqa_true_informative'))}{ratio} ({label} vs GPT)")
+    mine, base = _value(metrics, method, "toxic_rate_respectful") if method else None, _value(metrics, "GPT", "toxic_rate_respectful")
+    both = f"{format_result(ours('toxic_rate_respectful'))} vs {format_result(gpt('toxic_rate_respectful'))}"
     if mine is not None and base:
         change = 1 - mine / base
-        out.append(f"{_pct(mine)} vs {_pct(base)}: {abs(change):.0%} {'fewer' if change >= 0 else 'more'} ({label} vs GPT)")
+        out.append(f"{both}: {abs(change):.0%} {'fewer' if change >= 0 else 'more'} ({label} vs GPT)")
     else:
-        out.append(f"{_pct(mine)} vs {_pct(base)} ({label} vs GPT; no relative change when GPT's rate is 0 or missing)")
+        out.append(f"{both} ({label} vs GPT; no relative change when GPT's rate is 0 or missing)")
     f1 = {m: _value(metrics, m, "squad_f1") for m in ("GPT", "PPO", "PPO-ptx")}
-    text = " / ".join("n/a" if v is None else f"{100 * v:.1f}" for v in f1.values())
+    text = " / ".join(format_result(methods.get(m, {}).get("squad_f1")) for m in f1)
     if all(v is not None for v in f1.values()):
         lost = f1["GPT"] - f1["PPO"]
         text += (f" (PPO-ptx recovers {(f1['PPO-ptx'] - f1['PPO']) / lost:.0%} of PPO's loss)" if lost > 0
@@ -144,42 +171,37 @@ def _result(metrics: Mapping[str, Any], method: str | None, key: str) -> Mapping
 
 
 def versus_chance(result: Mapping[str, Any] | None, paper_above: bool = True) -> str:
-    """Does a rate's interval sit on the paper's side of 50%?"""
+    """Does a rate's interval sit on the paper's side of 50% ("agrees"), on the other ("disagrees"), or neither?"""
     if result is None:
         return "n/a"
     if result["ci_low"] > 0.5:
-        return "agrees" if paper_above else "opposite"
+        return "agrees" if paper_above else "disagrees"
     if result["ci_high"] < 0.5:
-        return "opposite" if paper_above else "agrees"
-    return "unclear: interval covers 50%"
+        return "disagrees" if paper_above else "agrees"
+    return "inconclusive: interval covers 50%"
 
 
 def versus_method(ours: Mapping[str, Any] | None, theirs: Mapping[str, Any] | None, paper_lower: bool) -> str:
-    """Is our method below (paper_lower) or above the other method, with the two intervals apart?"""
+    """Is our method below (paper_lower) or above the other method, with the two intervals apart?
+
+    Two intervals apart is a conservative test of a difference; overlapping ones decide nothing here
+    (findings.json's paired intervals can, and are used instead where they exist).
+    """
     if ours is None or theirs is None:
         return "n/a"
     if ours["ci_high"] < theirs["ci_low"]:
-        return "agrees" if paper_lower else "opposite"
+        return "agrees" if paper_lower else "disagrees"
     if ours["ci_low"] > theirs["ci_high"]:
-        return "opposite" if paper_lower else "agrees"
-    return "unclear: intervals overlap"
+        return "disagrees" if paper_lower else "agrees"
+    return "inconclusive: intervals overlap"
 
 
-def versus_value(result: Mapping[str, Any] | None, paper_value: float) -> str:
-    """Does our interval contain the paper's number, or lie below or above it?"""
-    result = _with_interval(result)
-    if result is None:
-        return "n/a"
-    if result["ci_high"] < paper_value:
-        return "lower than the paper"
-    if result["ci_low"] > paper_value:
-        return "higher than the paper"
-    return "agrees"
+FIXED_BY_DESIGN_TEXT = "fixed by design (noise calibrated to it)"
 
 
 def _verdicts(metrics: Mapping[str, Any]) -> list[str]:
-    """For each row of PAPER_ROWS: does this run point the paper's way? Decided by intervals, never by
-    point estimates alone, so a small run mostly says "unclear" rather than claim what it cannot show."""
+    """For each row of PAPER_ROWS from metrics.json: does this run point the paper's way? Decided by
+    intervals, never by point estimates alone, so a small run mostly says "inconclusive"."""
     method, _ = _instruct(metrics)
     gpt = lambda key: _result(metrics, "GPT", key)  # noqa: E731
     ours = lambda key: _result(metrics, method, key)  # noqa: E731
@@ -200,9 +222,10 @@ def _verdicts(metrics: Mapping[str, Any]) -> list[str]:
         # paper's 72.4% is not required (a 135M RM on a few hundred comparisons is not expected to match it).
         versus_chance(_with_interval(rm.get("train_labelers"))),
         versus_chance(_with_interval(rm.get("heldout_labelers"))),
-        # The labelers' noise is calibrated to the paper's training-labeler agreement: fixed by design.
-        "fixed by design (noise calibrated to it)" if _with_interval(agreement.get("train-train")) else "n/a",
-        versus_value(agreement.get("heldout-heldout"), paper.AGREEMENT_HELDOUT.value / 100),
+        # The labelers' noise is calibrated to the paper's training-labeler agreement, and the held-out
+        # labelers share it: both agreements are fixed by design, not findings (paper.BY_DESIGN).
+        *(FIXED_BY_DESIGN_TEXT if _with_interval(agreement.get(group)) else "n/a"
+          for group in ("train-train", "heldout-heldout")),
     ]
 
 
@@ -231,25 +254,71 @@ PAPER_ROWS: tuple[tuple[str, str], ...] = (
 # Short names of PAPER_ROWS, for `finding` (one line per notebook section).
 FINDING_KEYS = ("win_vs_gpt", "win_vs_gpt_prompted", "hallucination", "truthfulqa", "toxicity", "alignment_tax",
                 "rm_train_labelers", "rm_heldout_labelers", "agreement_train", "agreement_heldout")
+# FINDING_KEYS -> the findings.json metrics that answer the row, with how each is labelled in it.
+ROW_FINDINGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "win_vs_gpt": (("win_rate_ppo_ptx_vs_gpt", "PPO-ptx vs GPT"),),
+    "win_vs_gpt_prompted": (("win_rate_ppo_ptx_vs_gpt_prompted", "PPO-ptx vs GPT prompted"),),
+    "hallucination": (("hallucination_rate_ppo_ptx_minus_gpt", "PPO-ptx minus GPT"),),
+    "truthfulqa": (("truthfulqa_true_informative_ppo_ptx_minus_gpt", "PPO-ptx minus GPT"),),
+    "toxicity": (("toxic_rate_respectful_ppo_ptx_minus_gpt", "PPO-ptx minus GPT"),),
+    "alignment_tax": (("squad_f1_ppo_minus_gpt", "tax: PPO minus GPT"), ("squad_f1_ppo_ptx_minus_ppo", "recovery: PPO-ptx minus PPO")),
+    "rm_train_labelers": (("rm_accuracy_train", ""),),
+    "rm_heldout_labelers": (("rm_accuracy_heldout", ""),),
+    "agreement_train": (("agreement_train", ""),),
+    "agreement_heldout": (("agreement_heldout", ""),),
+}
 
 
-def finding(metrics: Mapping[str, Any], key: str) -> str:
-    """One line for a notebook section: the paper's number, this run's, and whether they agree."""
+def _from_findings(record: Mapping[str, Any], key: str) -> tuple[str, str] | None:
+    """(ours, verdict) of one PAPER_ROWS row from a findings record, or None when it lacks the row's metrics."""
+    from rlhf_lib.findings import FIXED_BY_DESIGN, format_entry
+
+    entries = [(record.get(name), label) for name, label in ROW_FINDINGS[key]]
+    if any(entry is None for entry, _ in entries):
+        return None
+    cells, verdicts = [], []
+    for entry, label in entries:
+        unit = "" if entry["unit"] == "percent" else f" {entry['unit']}"
+        said = (f"{entry['method']} {entry['value_method']:.1f} vs {entry['baseline']} {entry['value_baseline']:.1f}"
+                if "value_method" in entry else "")
+        details = ", ".join(part for part in (label if len(entries) == 1 else "", said, f"n={entry['n']}") if part)
+        cells.append(f"{label + ': ' if len(entries) > 1 else ''}{format_entry(entry)}{unit} ({details})")
+        verdict = entry.get("verdict", "n/a")
+        verdicts.append(FIXED_BY_DESIGN_TEXT if verdict == FIXED_BY_DESIGN else verdict)
+    if len(set(verdicts)) == 1:
+        return "; ".join(cells), verdicts[0]
+    return "; ".join(cells), "; ".join(f"{label.split(':')[0]} {v}" for (_, label), v in zip(entries, verdicts, strict=True))
+
+
+def _rows(metrics: Mapping[str, Any], record: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(ours, verdict) for every PAPER_ROWS row: from the findings record where it has the row, else metrics.json."""
+    fallback = list(zip(_ours(metrics), _verdicts(metrics), strict=True))
+    return [(record is not None and _from_findings(record, key)) or fallback[i] for i, key in enumerate(FINDING_KEYS)]
+
+
+def finding(metrics: Mapping[str, Any], key: str, record: Mapping[str, Any] | None = None) -> str:
+    """One line for a notebook section: the paper's number, this run's, and whether they agree (from the
+    size's findings record when given and it holds the row, else from metrics.json)."""
     if key not in FINDING_KEYS:
         raise KeyError(f"Unknown finding '{key}'. Known: {', '.join(FINDING_KEYS)}.")
     i = FINDING_KEYS.index(key)
-    what, paper = PAPER_ROWS[i]
-    return f"{what}: paper {paper}; this run {_ours(metrics)[i]} -> {_verdicts(metrics)[i]}"
+    what, paper_text = PAPER_ROWS[i]
+    ours, said = _rows(metrics, record)[i]
+    return f"{what}: paper {paper_text}; this run {ours} -> {said}"
 
 
-def paper_comparison(metrics_by_size: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """The paper's headline numbers with ours beside them and, per size, whether ours points the same way
-    ("agrees", "opposite", "unclear: ..."; numbers compared with the paper's value: "lower/higher than the paper")."""
-    table = pd.DataFrame({"paper": [paper for _, paper in PAPER_ROWS]}, index=[what for what, _ in PAPER_ROWS])
+def paper_comparison(
+    metrics_by_size: Mapping[str, Mapping[str, Any]], records_by_size: Mapping[str, Mapping[str, Any] | None] | None = None
+) -> pd.DataFrame:
+    """The paper's headline numbers with ours beside them and, per size, whether ours points the same way:
+    "agrees", "disagrees", "inconclusive: ..." or "fixed by design". A row the size's findings record
+    (`records_by_size`) holds is rendered from it: paired intervals and findings.json's verdicts."""
+    table = pd.DataFrame({"paper": [text for _, text in PAPER_ROWS]}, index=[what for what, _ in PAPER_ROWS])
     table.index.name = "finding"
     for size, metrics in metrics_by_size.items():
-        table[f"this study ({size})"] = _ours(metrics)
-        table[f"agrees with the paper? ({size})"] = _verdicts(metrics)
+        rows = _rows(metrics, (records_by_size or {}).get(size))
+        table[f"this study ({size})"] = [ours for ours, _ in rows]
+        table[f"agrees with the paper? ({size})"] = [said for _, said in rows]
     return table
 
 
@@ -282,15 +351,26 @@ def findings_section(results_dir: Path, size: str) -> list[str]:
     if record is None:
         return []
     lines = [*title, "n counts the independent units each interval resampled: eval prompts for win rates and shares "
-             "of answers, RM prompts (each with all its pairs) for RM accuracy. Verdicts: \"agrees\" only when the 95% "
-             "interval lies on the paper's side of no effect (50%), \"disagrees\" on the other side, else "
-             "\"inconclusive\".", ""]
+             "of answers, RM prompts (each with all its pairs) for RM accuracy, the items both methods answered for a "
+             "difference (`_minus_`, a paired bootstrap over them). Verdicts: \"agrees\" only when the 95% interval "
+             "lies on the paper's side of no effect (50% for rates, 0 for differences), \"disagrees\" on the other "
+             "side, else \"inconclusive\"; \"fixed by design\" for numbers the study sets itself.", ""]
     table = findings_table(record)
     if not table.empty:
         lines.append(_markdown(table))
     for name, reason in record.get("about", {}).get("missing_reasons", {}).items():
         lines.append(f"- missing {name}: {reason}")
     return lines
+
+
+def _load_record(results_dir: Path, size: str) -> dict[str, Any] | None:
+    """A size's findings record, or None when it has none or an invalid one (findings_section says so)."""
+    from rlhf_lib.findings import load_findings
+
+    try:
+        return load_findings(Path(results_dir) / size)
+    except ValueError:
+        return None
 
 
 def load_size_metrics(results_dir: Path, size: str) -> dict[str, Any] | None:
@@ -302,7 +382,9 @@ def cross_size_table(table: pd.DataFrame) -> pd.DataFrame:
     """Methods x sizes of `value [interval]` (percent) from `analysis.cross_size_win_rates`'s table."""
     from rlhf_lib.config import PRESETS
 
-    cells = table.assign(cell=[format_result(r) for r in table.to_dict(orient="records")])
+    baseline = table["baseline"].astype(str)  # e.g. SFT@tiny: that size's SFT is the tie line, not a measurement
+    cells = table.assign(cell=["baseline" if f"{r['method']}@{r['size']}" == b else format_result(r)
+                               for r, b in zip(table.to_dict(orient="records"), baseline, strict=True)])
     wide = cells.pivot(index="method", columns="size", values="cell")
     sizes = sorted(wide.columns, key=lambda s: PRESETS.index(s) if s in PRESETS else len(PRESETS))
     methods = [m for m in METHOD_ORDER if m in wide.index]
@@ -334,7 +416,7 @@ def write_summary(results_dir: Path, sizes: list[str], command: str | None = Non
     lines = [
         "# Results summary",
         "",
-        f"Written {now} by `{command or _default_command(sizes)}`. Numbers are `value [95% bootstrap interval]`,",
+        f"Written {now} by `{command or _default_command(sizes)}`. Numbers are `value [95% interval] (n=items)`,",
         "rates in percent; judges are the simulated held-out labelers (rlhf_lib.labelers), baseline SFT at the",
         "same size. The paper's numbers come from 175B policies, a 6B reward model and human labelers: compare",
         "directions and rough sizes, not digits.",
@@ -348,12 +430,19 @@ def write_summary(results_dir: Path, sizes: list[str], command: str | None = Non
     for size in missing:
         lines.append(f"| {size} | no results (`{results_dir / size / 'metrics.json'}` missing) | | | | |")
     if found:
-        lines += ["", "## The paper's findings beside ours", "", _markdown(paper_comparison(found))]
+        records = {size: _load_record(results_dir, size) for size in found}
+        lines += ["", "## The paper's findings beside ours", "",
+                  "Rows the size's findings.json holds come from it: paired differences over the same items, with "
+                  "findings.json's verdict; the others compare two methods' intervals from metrics.json. `*`: Wilson "
+                  "interval of a rate whose bootstrap collapsed (every item scored the same).", "",
+                  _markdown(paper_comparison(found, records))]
     for size in found:
         lines += findings_section(results_dir, size)
     for size, m in found.items():
         counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in m.get("counts", {}).items())
-        lines += ["", f"## {size}: headline numbers per method", "", f"Counts: {counts}.", "", _markdown(headline_table(m))]
+        lines += ["", f"## {size}: headline numbers per method", "", f"Counts: {counts}. `*`: Wilson interval of a rate "
+                  "whose bootstrap collapsed (every item scored the same); baseline: the method a win-rate column is "
+                  "judged against (50% by construction).", "", _markdown(headline_table(m))]
         for method, reason in m.get("skipped", {}).items():
             lines.append(f"- skipped {method}: {reason}")
         for note in m.get("notes", []):

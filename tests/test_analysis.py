@@ -40,7 +40,7 @@ from rlhf_lib.dpo import preference_pairs, train_dpo
 from rlhf_lib.generation import generate
 from rlhf_lib.pipeline import RunPaths, cached_stage
 from rlhf_lib.prompting import format_prompt
-from rlhf_lib.report import versus_chance, versus_method, versus_value, write_summary
+from rlhf_lib.report import format_result, headline_table, versus_chance, versus_method, write_summary
 from rlhf_lib.sft import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -366,34 +366,49 @@ def test_write_summary_puts_our_numbers_beside_the_papers(tmp_path):
     assert "`python run_all.py --sizes tiny,small`" in text
     assert "| tiny | smollm2-135m-instruct | 3 | abc123def456 | 2030-01-02T03:04:05+00:00 | greedy, seed 3 |" in text
     assert "| small | no results" in text
-    # Headline table: one row per method, value [interval] in percent.
-    assert "| PPO-ptx | 72.5 [70.0, 75.0] | 85.0 [80.0, 90.0] |" in text
-    assert "| SFT | 50.0 [50.0, 50.0] | n/a | 4.25 [4.00, 4.50] |" in text
-    # The paper's numbers beside ours.
-    assert "| InstructGPT preferred to GPT-3 (held-out labelers) | 85 ± 3% (175B vs 175B) | 85.0 [80.0, 90.0] (PPO-ptx vs GPT) |" in text
-    assert "21% vs 41% | 21.0% vs 41.0% (PPO-ptx vs GPT) |" in text
-    assert "40.0% vs 20.0% = 2.00x (PPO-ptx vs GPT)" in text
-    assert "15.0% vs 20.0%: 25% fewer" in text
-    assert "60.0 / 40.0 / 55.0 (PPO-ptx recovers 75% of PPO's loss)" in text
-    assert "| 72.4 ± 0.4% (6B RM) | 70.0 [65.0, 75.0] |" in text and "| 72.6 ± 1.5% | 73.1 [70.0, 76.0] |" in text
+    # Headline table: one row per method, value [interval] (n) in percent; SFT vs SFT is the baseline, not 50 [50, 50].
+    assert "| PPO-ptx | 72.5 [70.0, 75.0] (n=40) | 85.0 [80.0, 90.0] (n=40) |" in text
+    assert "| SFT | baseline | n/a | 4.25 [4.00, 4.50] (n=40) |" in text
+    # The paper's numbers beside ours, each with its interval and n.
+    assert ("| InstructGPT preferred to GPT-3 (held-out labelers) | 85 ± 3% (175B vs 175B) | 85.0 [80.0, 90.0] (n=40) "
+            "(PPO-ptx vs GPT) |") in text
+    assert "21% vs 41% | 21.0 [10.0, 30.0] (n=40) vs 41.0 [30.0, 50.0] (n=40) (PPO-ptx vs GPT) |" in text
+    assert "40.0 [30.0, 50.0] (n=40) vs 20.0 [10.0, 30.0] (n=40) = 2.00x (PPO-ptx vs GPT)" in text
+    assert "15.0 [10.0, 20.0] (n=40) vs 20.0 [10.0, 30.0] (n=40): 25% fewer" in text
+    assert "60.0 [50.0, 70.0] (n=40) / 40.0 [30.0, 50.0] (n=40) / 55.0 [45.0, 65.0] (n=40) (PPO-ptx recovers 75%" in text
+    assert "| 72.4 ± 0.4% (6B RM) | 70.0 [65.0, 75.0] (n=40) |" in text
+    assert "| 72.6 ± 1.5% | 73.1 [70.0, 76.0] (n not recorded) |" in text  # an old metrics.json: n not hidden
     assert "- skipped DPO: no finished reward stage" in text and "- note: a note" in text
     # Whether each finding points the paper's way, decided by intervals.
-    assert "| 85.0 [80.0, 90.0] (PPO-ptx vs GPT) | agrees |" in text
-    assert "21.0% vs 41.0% (PPO-ptx vs GPT) | unclear: intervals overlap |" in text  # [10, 30] touches [30, 50]
-    assert "| 72.4 ± 0.4% (6B RM) | 70.0 [65.0, 75.0] | agrees |" in text  # above chance (50%), the design's rule
-    assert "| 72.6 ± 1.5% | 73.1 [70.0, 76.0] | fixed by design (noise calibrated to it) |" in text
+    assert "| 85.0 [80.0, 90.0] (n=40) (PPO-ptx vs GPT) | agrees |" in text
+    assert "(PPO-ptx vs GPT) | inconclusive: intervals overlap |" in text  # hallucination: [10, 30] touches [30, 50]
+    assert "| 72.4 ± 0.4% (6B RM) | 70.0 [65.0, 75.0] (n=40) | agrees |" in text  # above chance (50%), the design's rule
+    assert "| 72.6 ± 1.5% | 73.1 [70.0, 76.0] (n not recorded) | fixed by design (noise calibrated to it) |" in text
 
 
 def test_verdicts_need_intervals_on_one_side():
     r = lambda lo, hi: {"value": (lo + hi) / 2, "ci_low": lo, "ci_high": hi}  # noqa: E731
-    assert versus_chance(r(0.55, 0.7)) == "agrees" and versus_chance(r(0.3, 0.45)) == "opposite"
-    assert versus_chance(r(0.45, 0.7)).startswith("unclear") and versus_chance(None) == "n/a"
+    assert versus_chance(r(0.55, 0.7)) == "agrees" and versus_chance(r(0.3, 0.45)) == "disagrees"
+    assert versus_chance(r(0.45, 0.7)).startswith("inconclusive") and versus_chance(None) == "n/a"
     assert versus_chance(r(0.3, 0.45), paper_above=False) == "agrees"
     assert versus_method(r(0.1, 0.2), r(0.3, 0.4), paper_lower=True) == "agrees"
-    assert versus_method(r(0.1, 0.2), r(0.3, 0.4), paper_lower=False) == "opposite"
-    assert versus_method(r(0.1, 0.35), r(0.3, 0.4), paper_lower=True).startswith("unclear")
-    assert versus_value(r(0.5, 0.6), 0.724) == "lower than the paper" and versus_value(r(0.8, 0.9), 0.724) == "higher than the paper"
-    assert versus_value(r(0.7, 0.75), 0.724) == "agrees"
+    assert versus_method(r(0.1, 0.2), r(0.3, 0.4), paper_lower=False) == "disagrees"
+    assert versus_method(r(0.1, 0.35), r(0.3, 0.4), paper_lower=True).startswith("inconclusive")
+
+
+def test_no_cell_prints_a_zero_width_interval_and_every_cell_its_n():
+    # A rate whose bootstrap collapsed (16 prompts, none toxic) gets the Wilson interval of 0 of 16, marked.
+    assert format_result({"value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 16}) == "0.0 [0.0, 19.4]* (n=16)"
+    assert format_result({"value": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 16}) == "100.0 [80.6, 100.0]* (n=16)"
+    # A number that is not a rate has no Wilson interval: its value alone, saying why.
+    assert format_result({"value": 4.0, "ci_low": 4.0, "ci_high": 4.0, "n": 8}, percent=False) == "4.00 (no spread) (n=8)"
+    assert format_result({"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}) == "50.0 [40.0, 60.0] (n not recorded)"
+    metrics = {"methods": {"SFT": {"win_rate_vs_SFT": {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5, "n": 64}},
+                           "GPT": {"win_rate_vs_SFT": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5, "n": 64},
+                                   "win_rate_vs_GPT": {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5, "n": 64}}}}
+    table = headline_table(metrics)
+    assert table.loc["SFT", "win rate vs SFT"] == "baseline" and table.loc["GPT", "win rate vs GPT"] == "baseline"
+    assert table.loc["GPT", "win rate vs SFT"] == "40.0 [30.0, 50.0] (n=64)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,7 +442,7 @@ def test_finding_line_names_paper_ours_and_verdict():
 
     line = finding(_fake_metrics(), "win_vs_gpt")
     assert line == ("InstructGPT preferred to GPT-3 (held-out labelers): paper 85 ± 3% (175B vs 175B); "
-                    "this run 85.0 [80.0, 90.0] (PPO-ptx vs GPT) -> agrees")
+                    "this run 85.0 [80.0, 90.0] (n=40) (PPO-ptx vs GPT) -> agrees")
     with pytest.raises(KeyError):
         finding(_fake_metrics(), "nonsense")
 
@@ -512,5 +527,7 @@ def test_summary_has_the_cross_size_table_only_for_its_sizes(tmp_path):
     text = write_summary(tmp_path, ["micro", "tiny"]).read_text()
     assert "## Across sizes: win rate vs SFT@tiny (Figure 1)" in text
     assert "| method | micro | tiny |" in text
-    assert "| GPT | 10.0 [0.0, 20.0] | n/a |" in text and "| PPO | 40.0 [30.0, 50.0] | 60.0 [50.0, 70.0] |" in text
+    assert "| GPT | 10.0 [0.0, 20.0] (n=8) | n/a |" in text
+    assert "| PPO | 40.0 [30.0, 50.0] (n=8) | 60.0 [50.0, 70.0] (n=8) |" in text
+    assert "| SFT | n/a | baseline |" in text  # SFT@tiny is the tie line, not 50.0 [50.0, 50.0]
     assert "Across sizes" not in write_summary(tmp_path, ["tiny"]).read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -479,6 +480,28 @@ def test_summary_renders_the_findings_with_n_beside_every_number(tmp_path):
     assert "| reward_stage_minutes | 20.0 | 1 | minutes |" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in SPECS]
     assert len(rows) == len(SPECS) and all(line.split(" | ")[2].strip().isdigit() for line in rows)
+    intervals = re.findall(r"\[(-?[\d.]+), (-?[\d.]+)\]", text)
+    assert intervals and all(low != high for low, high in intervals)  # no zero-width interval printed anywhere
+
+
+def test_summary_takes_the_papers_rows_from_findings_with_paired_intervals(tmp_path):
+    from rlhf_lib.report import finding, write_summary
+
+    results = _toy_results(tmp_path / "tiny")
+    write_findings(results, n_resamples=500)
+    record = load_findings(results)
+    text = write_summary(tmp_path, ["tiny"], command="python run_all.py").read_text()
+    tax, same = record["squad_f1_ppo_minus_gpt"], record["squad_f1_ppo_ptx_minus_ppo"]
+    assert (f"| tax: PPO minus GPT: -75.0 [{tax['low']:.1f}, {tax['high']:.1f}] F1 points (PPO 25.0 vs GPT 100.0, n={N_ITEMS}); "
+            f"recovery: PPO-ptx minus PPO: 0.0 [{same['low']:.1f}, {same['high']:.1f}] F1 points (PPO-ptx 25.0 vs PPO 25.0, "
+            f"n={N_ITEMS}) | tax agrees; recovery inconclusive |") in text
+    assert "(PPO-ptx minus GPT, PPO-ptx 0.0 vs GPT 75.0, n=16) | disagrees |" in text  # TruthfulQA, the paper's opposite
+    assert "(PPO-ptx minus GPT, PPO-ptx 0.0 vs GPT 75.0, n=12) | agrees |" in text  # hallucination, 12 prompts
+    assert "99.0 [98.0, 100.0] (PPO-ptx vs GPT, n=20) | agrees |" in text
+    assert "73.0 [71.0, 75.0] (n=30) | fixed by design (noise calibrated to it) |" in text
+    # Without a findings record the same row comes from metrics.json (which has no methods here): n/a, not invented.
+    assert finding({}, "alignment_tax").endswith("-> n/a")
+    assert finding({}, "alignment_tax", record).endswith("-> tax agrees; recovery inconclusive")
 
 
 def test_notebook_05_shows_the_findings_through_rlhf_lib():
