@@ -271,16 +271,18 @@ def _paired(results_dir: Path, quantity: str, seed: int, n_resamples: int) -> di
     out: dict[str, dict[str, Any]] = {}
     for method, baseline in source.comparisons:
         name = paired_name(quantity, method, baseline)
-        values = {m: table[table["method"] == m].drop_duplicates(source.key).set_index(source.key)[source.column]
-                  .astype(float) for m in (method, baseline)}
+        values = {m: pd.to_numeric(table[table["method"] == m].drop_duplicates(source.key).set_index(source.key)[source.column],
+                                   errors="coerce") for m in (method, baseline)}  # an empty cell: NaN, caught below
         absent = [m for m, v in values.items() if v.empty]
         if absent:
             out[name] = {"missing": f"no {' or '.join(absent)} items in {source.file} (was it run?)"}
             continue
         common = values[method].index.intersection(values[baseline].index)
         a, b = values[method][common].to_numpy(), values[baseline][common].to_numpy()
-        if not len(common) or not np.isfinite(a - b).all():
-            out[name] = {"missing": f"{method} and {baseline} share no {source.items} with finite values in {source.file}"}
+        usable = np.isfinite(a) & np.isfinite(b)  # an item either method lacks a value for pairs with nothing
+        common, a, b = common[usable], a[usable], b[usable]
+        if not len(common):
+            out[name] = {"missing": f"{method} and {baseline} share no {source.items} with values in {source.file}"}
             continue
         result = paired_bootstrap(a, b, n_resamples=n_resamples, seed=seed, bounds=(-1.0, 1.0))
         how = f"paired bootstrap 95% over {source.items} (the same {len(common)} for both)"

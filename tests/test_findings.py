@@ -353,6 +353,18 @@ def test_paired_differences_have_n_the_papers_sign_and_every_verdict(tmp_path):
     assert table.loc["squad_f1_ppo_minus_gpt", "n"] == str(N_ITEMS) and "PPO 25.0 vs GPT 100.0" in table.loc["squad_f1_ppo_minus_gpt", "note"]
 
 
+def test_a_paired_difference_uses_only_the_items_both_methods_have(tmp_path):
+    results = _toy_results(tmp_path / "results")
+    table = pd.read_csv(results / "analysis_truthfulqa_per_item.csv")
+    table.loc[(table["method"] == "PPO-ptx") & (table["id"] == "tq0"), "true_informative"] = math.nan  # an empty cell
+    table[~((table["method"] == "GPT") & (table["id"] == "tq1"))].to_csv(results / "analysis_truthfulqa_per_item.csv",
+                                                                        index=False)  # GPT never answered tq1
+    record = build_findings(results, n_resamples=200)
+    validate_findings(record)
+    assert record["truthfulqa_true_informative_ppo_ptx_minus_gpt"]["n"] == N_ITEMS - 2
+    assert record["truthfulqa_true_informative_ppo_minus_gpt"]["n"] == N_ITEMS - 1
+
+
 def test_every_paper_claim_gets_a_verdict_or_says_it_is_fixed_by_design():
     for name, claim in paper.CLAIMS.items():
         assert name in SPECS, name

@@ -8,7 +8,8 @@
     alignment_tax    few-shot SQuAD F1 / EM, LM loss on held-out text
     overoptimization RM score vs gold utility vs sqrt(KL) along PPO checkpoints
     generalization   RM pairwise accuracy by comparison set (train / held-out labelers, HHH), prompts resampled
-    stats            Wilson intervals, cluster (prompt-level) bootstrap of ratios, verdicts beside the paper
+    stats            Wilson / Clopper-Pearson intervals, cluster (prompt-level) bootstrap of ratios, paired
+                     bootstrap of differences between methods, verdicts beside the paper
     text, lm_scoring answer normalisation and similarity; causal-LM log-likelihood scoring
 
 Every metric returns a `MetricResult(value, ci_low, ci_high, n)` or a tidy DataFrame with those
