@@ -1,8 +1,8 @@
 """Size presets: every knob of every stage, as plain data, validated on load.
 
 Presets live in ``configs/<name>.toml``; each section maps to one dataclass below and every
-field says what it is. Loading rejects unknown keys, wrong types and out-of-range values with
-an error naming the file, the key and what is allowed::
+field says what it is. Loading rejects unknown keys, wrong types, NaN or infinity (also inside
+lists) and out-of-range values with an error naming the file, the key and what is allowed::
 
     from rlhf_lib.config import load_preset
     cfg = load_preset("tiny")          # configs/tiny.toml
@@ -313,6 +313,17 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in `value` (a number, or a list or table of them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
 def _describe(annotation: Any, meta: dict[str, Any]) -> str:
     if get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(annotation))
@@ -341,6 +352,9 @@ def _build(cls: type, values: dict[str, Any], source: str, prefix: str) -> Any:
             kwargs[key] = _build(annotation, value, source, f"{where}.")
             continue
         meta = dict(known[key].metadata)
+        if not _finite(value):  # NaN passes every range check (all comparisons are False) and inf passes open ones
+            raise ConfigError(f"{source}: bad value {value!r} for '{where}': NaN and infinity are not allowed; "
+                              f"expected {_describe(annotation, meta)}.")
         if not _type_ok(value, annotation):
             raise ConfigError(f"{source}: bad value {value!r} for '{where}': expected {_describe(annotation, meta)}.")
         if annotation is float:

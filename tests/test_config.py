@@ -75,3 +75,23 @@ def test_a_table_override_changes_its_knobs_and_keeps_the_rest_of_the_preset():
 def test_reward_lists_and_labelers_per_prompt_are_checked(key, bad):
     with pytest.raises(ConfigError, match=key.split(".")[1]):
         load_preset("micro", {key: bad})
+
+
+@pytest.mark.parametrize("key, bad", [
+    ("ppo.max_kl", float("nan")), ("sft.learning_rate", float("nan")), ("ppo.kl_beta", float("inf")),
+    ("labelers.noise_scale", float("-inf")), ("reward.temperatures", [1.0, float("nan")]),
+    ("reward.head_weight_decays", [0.1, float("inf")]), ("sft.epochs", float("inf")),
+])
+def test_nan_and_infinity_are_rejected_naming_key_and_file(key, bad):
+    with pytest.raises(ConfigError, match=rf"micro\.toml: bad value .* for '{key}': NaN and infinity are not allowed"):
+        load_preset("micro", {key: bad})
+
+
+def test_nan_in_a_preset_file_is_rejected(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[ppo]\nmax_kl = nan\n\n[reward]\nfeature_layers = [0.5, inf]\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: .*'ppo\.max_kl': NaN"):
+        load_preset(bad)
+    bad.write_text("[reward]\nfeature_layers = [0.5, inf]\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: .*'reward\.feature_layers': NaN"):
+        load_preset(bad)
