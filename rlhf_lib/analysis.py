@@ -88,8 +88,9 @@ RM_SET_NAMES = {
 
 
 def _done_record(paths: RunPaths, stage: str) -> dict[str, Any] | None:
-    done = paths.stage(stage) / "DONE.json"
-    return json.loads(done.read_text()) if done.exists() else None
+    from rlhf_lib.pipeline import read_done
+
+    return read_done(paths.stage(stage))  # None for a torn record too: that stage reruns
 
 
 def upstream_state(paths: RunPaths) -> dict[str, str | None]:

@@ -6,7 +6,9 @@
 
 A rerun with the same preset and seed finds DONE.json and skips the stage; a changed knob changes the
 fingerprint of its stage and of every stage downstream (config.StudyConfig.STAGE_SECTIONS), so exactly
-those rerun. An interrupted stage leaves only a `.partial-*` directory, which is discarded.
+those rerun. An interrupted stage leaves only a `.partial-*` directory; its `.owner.json` names the
+process building it, and a later run removes it only once that process is gone (same host, pid not
+alive), never while it is still working. A torn DONE.json counts as unfinished: the stage is rebuilt.
 
     from rlhf_lib.pipeline import RunPaths, cached_stage
     paths = RunPaths.for_config(cfg)               # root from $RLHF_RUNS_DIR or ./runs
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,9 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rlhf_lib.config import StudyConfig
+from rlhf_lib.io import atomic_write_text, read_json
 
 STAGES = ("data", "sft", "reward", "ppo", "analysis")
 DONE = "DONE.json"
+OWNER = ".owner.json"  # inside a partial directory: the process building it (removed before publishing)
+ORPHAN_AGE_S = 600  # a partial directory without an owner record (older code, or a crash before the record) this old
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +67,14 @@ def wait_for_all_processes() -> None:
 
 
 def default_runs_root() -> Path:
-    return Path(os.environ.get("RLHF_RUNS_DIR", Path(__file__).resolve().parent.parent / "runs"))
+    # Absolute: notebooks run with notebooks/ as their working directory, run_all from anywhere.
+    return Path(os.environ.get("RLHF_RUNS_DIR", Path(__file__).resolve().parent.parent / "runs")).expanduser().resolve()
+
+
+def read_done(stage_dir: Path) -> dict | None:
+    """A stage directory's DONE.json, or None when the stage has not finished or its record is torn (warned)."""
+    record = read_json(Path(stage_dir) / DONE)
+    return record if isinstance(record, dict) else None
 
 
 @dataclass
@@ -81,12 +94,12 @@ class RunPaths:
         return self.root / f"{name}-{self.cfg.fingerprint(name)}"
 
     def is_done(self, name: str) -> bool:
-        return (self.stage(name) / DONE).exists()
+        return read_done(self.stage(name)) is not None
 
     def require(self, name: str) -> Path:
         """The finished directory of an upstream stage, or a clear error saying what to run."""
         path = self.stage(name)
-        if not (path / DONE).exists():
+        if not self.is_done(name):
             index = STAGES.index(name) + 1
             raise FileNotFoundError(
                 f"Stage '{name}' has not finished for preset '{self.cfg.preset}' ({path}). "
@@ -122,27 +135,74 @@ class StageHandle:
     done: bool
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (a reused pid reads as alive: we then keep, never lose)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _write_owner(partial: Path) -> None:
+    atomic_write_text(partial / OWNER, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                   "started_utc": datetime.now(UTC).isoformat(timespec="seconds")}))
+
+
+def partial_is_orphaned(partial: Path, now: float | None = None) -> bool:
+    """A partial stage directory whose builder is gone: same host and its pid not alive; without an owner record,
+    older than ORPHAN_AGE_S. Another host's partial directory is never touched (its pid means nothing here)."""
+    owner = read_json(partial / OWNER, quiet=True)
+    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+        try:
+            age = (now or time.time()) - partial.stat().st_mtime
+        except FileNotFoundError:
+            return False  # its owner just published or removed it
+        return age > ORPHAN_AGE_S
+    return owner.get("host") == socket.gethostname() and not pid_alive(owner["pid"])
+
+
+def remove_orphaned_partials(final: Path) -> list[Path]:
+    """Delete the partial directories of `final` left by dead processes; a live process's are kept."""
+    removed = []
+    for partial in final.parent.glob(f".{final.name}.partial-*"):
+        if partial.is_dir() and partial_is_orphaned(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+    return removed
+
+
 @contextmanager
 def cached_stage(paths: RunPaths, name: str) -> Iterator[StageHandle]:
     """Run a stage at most once per fingerprint; publish its directory atomically on success."""
     final = paths.stage(name)
-    if (final / DONE).exists():
+    if read_done(final) is not None:
         yield StageHandle(name, final, True)
         return
     _, processes = process_rank_and_count()
     main = is_main_process()
     if main:
         final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".{final.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_orphaned_partials(final)
     if processes > 1:
         # Every process must write into the same directory: a fixed name, created by the main one.
         tmp = final.parent / f".{final.name}.partial-distributed"
         if main:
-            tmp.mkdir()
+            try:
+                tmp.mkdir()
+            except FileExistsError:
+                owner = read_json(tmp / OWNER, quiet=True) or {}
+                raise RuntimeError(f"{tmp} is being built by a live process (pid {owner.get('pid', '?')} on "
+                                   f"{owner.get('host', '?')}); wait for it, or remove the directory if it is gone.") from None
+            _write_owner(tmp)
         wait_for_all_processes()
     else:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        _write_owner(tmp)
     started = time.time()
     try:
         yield StageHandle(name, tmp, False)
@@ -159,9 +219,10 @@ def cached_stage(paths: RunPaths, name: str) -> Iterator[StageHandle]:
                 "commit": code_commit(),
                 "config": paths.cfg.to_dict(),
             }
-            (tmp / DONE).write_text(json.dumps(record, indent=1))
+            atomic_write_text(tmp / DONE, json.dumps(record, indent=1))
+            (tmp / OWNER).unlink(missing_ok=True)  # bookkeeping of the build, not an artifact
             if final.exists():
-                shutil.rmtree(final)
+                shutil.rmtree(final)  # an earlier copy whose DONE.json was torn
             os.replace(tmp, final)
     finally:
         if main and tmp.exists():
@@ -187,7 +248,7 @@ def code_commit(repo: Path | None = None) -> str:
 
 
 def stage_record(paths: RunPaths, name: str) -> dict:
-    return json.loads((paths.require(name) / DONE).read_text())
+    return read_done(paths.require(name)) or {}
 
 
 @dataclass
