@@ -15,6 +15,10 @@ the finished stage. The other stages run in the notebook's single process, as wi
 Stages cache their artifacts under runs/<size>/<stage>-<fingerprint>/ (see rlhf_lib.pipeline), so a
 rerun skips finished stages and an interrupted run resumes at the first unfinished one. A notebook
 that fails stops the run, naming the cell and the error; its partial output is kept.
+
+One run at a time per folder: the run holds the lock of each size's runs folder and of the output
+folder (rlhf_lib.locking); a second run waits, saying who holds them, or with --no-wait exits with
+status 2. Relative --runs-dir and --output are resolved against the current directory once, here.
 """
 
 from __future__ import annotations
@@ -61,8 +65,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--launcher", default="", help='run SFT and PPO under this launcher, e.g. "torchrun --nproc_per_node 4" '
                         'or "accelerate launch --num_processes 4"')
     parser.add_argument("--force", action="store_true", help="re-execute notebooks even when outputs are current")
+    parser.add_argument("--no-wait", action="store_true", help="exit (status 2) instead of waiting when another run "
+                        "holds the runs or output folder")
     parser.add_argument("--notebooks", default=str(REPO / "notebooks"), help=argparse.SUPPRESS)  # tests use fixtures
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.sizes = ",".join(checked_sizes(parser, args.sizes))
+    # Absolute from here on: papermill runs the notebooks in notebooks/, run records are read back from here.
+    for name in ("output", "runs_dir", "notebooks"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
+    return args
+
+
+def available_presets() -> list[str]:
+    from rlhf_lib.config import CONFIG_DIR
+
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def checked_sizes(parser: argparse.ArgumentParser, sizes: str) -> list[str]:
+    """The --sizes list without blanks or repeats; an empty list or an unknown preset exits with status 2."""
+    names = list(dict.fromkeys(s.strip() for s in sizes.split(",") if s.strip()))
+    available = available_presets()
+    if not names:
+        parser.error(f"--sizes is empty; available presets (configs/*.toml): {', '.join(available)}")
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        parser.error(f"--sizes: unknown preset(s) {', '.join(unknown)}; available presets (configs/*.toml): "
+                     f"{', '.join(available)}")
+    return names
+
+
+def run_sizes(args: argparse.Namespace) -> list[str]:
+    return args.sizes.split(",")  # checked and normalised by parse_args
 
 
 def selected_stages(args: argparse.Namespace) -> list[str]:
@@ -99,16 +134,23 @@ def study_for(args: argparse.Namespace, size: str) -> tuple:
     return cfg, RunPaths.for_config(cfg, Path(args.runs_dir) / size if args.runs_dir else None)
 
 
+def lock_folders(args: argparse.Namespace) -> list[Path]:
+    """What a run writes: each size's runs folder and the output folder (rendered notebooks, .failed markers)."""
+    return [Path(args.output), *(study_for(args, size)[1].root for size in run_sizes(args))]
+
+
 def plan(args: argparse.Namespace) -> list[dict]:
+    from rlhf_lib.pipeline import read_done
+
     steps = []
-    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+    for size in run_sizes(args):
         cfg, paths = study_for(args, size)
         for stage in selected_stages(args):
             out = Path(args.output) / size / NOTEBOOKS[stage]
             done = paths.is_done(stage)
             current = notebook_current(out, done, paths.stage(stage)) and not args.force
             if done:
-                seconds = json.loads((paths.stage(stage) / "DONE.json").read_text()).get("seconds", 0)
+                seconds = (read_done(paths.stage(stage)) or {}).get("seconds", 0)
             else:
                 seconds = 60 * ROUGH_MINUTES.get(size, {}).get(stage, 30)
             steps.append(
@@ -134,17 +176,48 @@ def print_plan(steps: list[dict]) -> None:
     print(f"Estimated time: ~{total / 60:.0f} min (2-core CPU figures; a GPU is faster).\n", flush=True)
 
 
+def notebook_parameters(step: dict, args: argparse.Namespace) -> dict[str, str]:
+    """The papermill parameters of one step (absolute paths: the kernel's working directory is notebooks/)."""
+    return {
+        "preset": step["size"],
+        "runs_dir": step["runs_dir"],
+        "overrides_json": json.dumps(overrides_for(args)),
+        "results_dir": str(Path(step["output"]).parent),
+    }
+
+
+class NotebookParameterError(ValueError):
+    """run_all would pass a parameter that the notebook's `parameters` cell does not define."""
+
+
+def check_notebook_parameters(steps: list[dict], args: argparse.Namespace) -> None:
+    """Before anything runs: every parameter run_all passes is defined in the notebook's `parameters` cell.
+
+    Papermill injects an unknown name as an unused variable without a word, so a notebook whose parameter was
+    renamed would silently run on its default.
+    """
+    import papermill
+
+    for step in steps:
+        if step["skip"]:
+            continue
+        notebook = Path(args.notebooks) / step["notebook"]
+        defined = papermill.inspect_notebook(str(notebook))
+        unknown = sorted(set(notebook_parameters(step, args)) - set(defined))
+        if unknown:
+            raise NotebookParameterError(
+                f"{notebook}: its `parameters` cell does not define {', '.join(unknown)} "
+                f"(it defines: {', '.join(defined) or 'nothing; is the cell tagged `parameters`?'}). "
+                "Add them to that cell, or keep the notebook in step with run_all.notebook_parameters."
+            )
+
+
 def execute(step: dict, args: argparse.Namespace) -> float:
     import papermill
 
     output: Path = step["output"]
     output.parent.mkdir(parents=True, exist_ok=True)
-    parameters = {
-        "preset": step["size"],
-        "runs_dir": step["runs_dir"],
-        "overrides_json": json.dumps(overrides_for(args)),
-        "results_dir": str(output.parent),
-    }
+    parameters = notebook_parameters(step, args)
     started = time.time()
     failed_marker = output.with_suffix(".failed")
     failed_marker.write_text("this notebook's last execution failed or was interrupted\n")
@@ -187,10 +260,10 @@ def export_html(notebook: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
+    from rlhf_lib.io import atomic_write_text
+
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    html = notebook.with_suffix(".html")
-    html.write_text(body, encoding="utf-8")
-    return html
+    return atomic_write_text(notebook.with_suffix(".html"), body)
 
 
 def describe_failure(err: Exception, step: dict) -> str:
@@ -209,43 +282,47 @@ def describe_failure(err: Exception, step: dict) -> str:
 def write_run_records(summary: list[tuple[dict, float, str]], argv: list[str]) -> list[Path]:
     """results/<size>/run_record.json: what produced each rendered notebook (command, commit, seed, times).
 
-    A stage that was skipped keeps the entry of the run that rendered it.
+    A stage that was skipped keeps the entry of the run that rendered it. A torn or invalid record (a crash
+    mid-write by older code, a hand edit) is reported and rebuilt from this run's entries.
     """
     import platform
     import shlex
 
     import torch
 
-    from rlhf_lib.pipeline import code_commit
+    from rlhf_lib.io import atomic_write_text, read_json
+    from rlhf_lib.pipeline import code_commit, read_done
 
     written = []
     for size in dict.fromkeys(step["size"] for step, _, _ in summary):
         path = Path(summary[0][0]["output"]).parent.parent / size / "run_record.json"
-        record = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        record = read_json(path)
+        if not (isinstance(record, dict) and isinstance(record.get("stages"), dict)):
+            if path.exists():
+                print(f"Warning: {path} is not a valid run record; rebuilding it from this run.", file=sys.stderr)
+            record = {"stages": {}}
         for step, seconds, state in summary:
             if step["size"] != size or state != "ran":
                 continue
-            done = json.loads((Path(step["runs_dir"]) / step["stage_dir"] / "DONE.json").read_text())
+            done = read_done(Path(step["runs_dir"]) / step["stage_dir"]) or {}
             record["stages"][step["stage"]] = {
                 "notebook": step["notebook"],
                 "command": shlex.join(["python", "run_all.py", *argv]),
                 "commit": code_commit(),  # the code that rendered the notebook
                 "stage_commit": done.get("commit", "not recorded"),  # the code that computed the stage
                 "preset": size,
-                "seed": done["seed"],
-                "fingerprint": done["fingerprint"],
+                "seed": done.get("seed", "not recorded"),
+                "fingerprint": done.get("fingerprint", step["stage_dir"].rsplit("-", 1)[-1]),
                 "rendered_utc": datetime.now(UTC).isoformat(timespec="seconds"),
                 "notebook_seconds": round(seconds, 1),
-                "stage_seconds": done["seconds"],  # the stage's computation, whenever it ran (stage_finished_utc)
-                "stage_finished_utc": done["finished_utc"],
+                "stage_seconds": done.get("seconds"),  # the stage's computation, whenever it ran (stage_finished_utc)
+                "stage_finished_utc": done.get("finished_utc", "not recorded"),
                 "processes": done.get("processes", 1),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
                 "torch": torch.__version__,
             }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1) + "\n")
-        written.append(path)
+        written.append(atomic_write_text(path, json.dumps(record, indent=1) + "\n"))
     return written
 
 
@@ -267,8 +344,25 @@ def ensure_kernel() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rlhf_lib.config import ConfigError
+    from rlhf_lib.locking import LockBusy, hold_locks
+
+    try:
+        with hold_locks(lock_folders(args), wait=not args.no_wait):
+            return run(args, sys.argv[1:] if argv is None else argv)
+    except (LockBusy, ConfigError, NotebookParameterError) as err:
+        print(f"run_all.py: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # while waiting for the lock, or after the last notebook
+        print("\nInterrupted. Finished stages are kept; rerun the same command to resume.")
+        return 130
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Plan, execute and summarise, under the locks main holds."""
     steps = plan(args)
     print_plan(steps)
+    check_notebook_parameters(steps, args)
     ensure_kernel()
     summary = []
     started = time.time()
@@ -287,22 +381,35 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         summary.append((step, seconds, "ran"))
         # Recorded as each notebook finishes, so a later failure loses nothing of what was rendered.
-        write_run_records([(step, seconds, "ran")], sys.argv[1:] if argv is None else argv)
+        write_run_records([(step, seconds, "ran")], argv)
     total = time.time() - started
     print("\nSummary:")
     for step, seconds, state in summary:
         print(f"  {step['size']:>6}  {step['stage']:<9} {state:<8} {seconds / 60:6.1f} min  -> {step['output']}")
     print(f"Total: {total / 60:.1f} min. Finished {datetime.now(UTC).isoformat(timespec='seconds')}.")
-    print(f"Rendered results: {Path(args.output).resolve()} (each size's run_record.json says what made them)")
-    sizes = list(dict.fromkeys(x["size"] for x in steps))
+    print(f"Rendered results: {args.output} (each size's run_record.json says what made them)")
+    sizes = run_sizes(args)
     write_findings_files(args, sizes)
     if len(sizes) > 1:
         write_cross_size(args, sizes)
     from rlhf_lib.report import write_summary
 
-    written = write_summary(Path(args.output), sizes)
+    written = write_summary(Path(args.output), summary_sizes(Path(args.output), sizes))
     print(f"Summary table: {written}")
     return 0
+
+
+def summary_sizes(output: Path, sizes: list[str]) -> list[str]:
+    """The sizes SUMMARY.md shows: this run's and every other size with a findings.json under `output`, so a run of
+    one size keeps the others' rows. A size whose metrics.json is torn is left out, with a warning (report reads it)."""
+    from rlhf_lib.config import PRESETS
+    from rlhf_lib.io import read_json
+
+    found = [p.parent.name for p in Path(output).glob("*/findings.json")]
+    every = list(dict.fromkeys([*sizes, *found]))
+    every.sort(key=lambda s: (PRESETS.index(s) if s in PRESETS else len(PRESETS), s))
+    return [s for s in every if not (Path(output) / s / "metrics.json").exists()
+            or read_json(Path(output) / s / "metrics.json") is not None]
 
 
 def write_findings_files(args: argparse.Namespace, sizes: list[str]) -> None:
@@ -314,10 +421,11 @@ def write_findings_files(args: argparse.Namespace, sizes: list[str]) -> None:
     if "analysis" not in selected_stages(args):
         return
     from rlhf_lib.findings import write_findings
+    from rlhf_lib.io import read_json
 
     for size in sizes:
         results = Path(args.output) / size
-        if not (results / "metrics.json").exists():
+        if read_json(results / "metrics.json") is None:  # not analysed yet, or torn (warned): nothing to read
             continue
         _, paths = study_for(args, size)
         print(f"Findings: {write_findings(results, reward_dir=paths.stage('reward') if paths.is_done('reward') else None)}")

@@ -8,6 +8,10 @@ The result is the same cached stage directory the notebooks use (runs/<preset>/<
 notebook run afterwards only renders it. `run_all.py --launcher "torchrun --nproc_per_node 4"` does
 exactly this for every unfinished distributed stage before executing its notebook.
 
+The main process holds the runs folder's lock (rlhf_lib.locking) while the stage writes: a second run
+of the same folder waits, saying who holds it, or with --no-wait exits with status 2. Under run_all,
+which already holds it, the stage works under run_all's lock.
+
 Distributed: `sft` (TRL's Trainer, DDP) and `ppo` (our accelerate loop, DDP). Every process trains on
 its share of each batch; the preset's batch sizes stay global (SFT divides gradient accumulation by the
 number of processes, PPO divides the rollout and minibatch). The main process alone writes files and
@@ -21,9 +25,11 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from rlhf_lib.config import StudyConfig, load_preset
+from rlhf_lib.locking import LockBusy, hold_lock
 from rlhf_lib.pipeline import STAGES, RunPaths, is_main_process, wait_for_all_processes
 
 DISTRIBUTED_STAGES = ("sft", "ppo")
@@ -68,7 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", default="", help="stage artifacts folder (default: runs/<preset>/)")
     parser.add_argument("--overrides-json", default="{}", help='dotted overrides, e.g. \'{"seed": 1}\'')
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    parser.add_argument("--no-wait", action="store_true", help="exit (status 2) when another run holds the runs folder")
+    args = parser.parse_args(argv)
+    args.runs_dir = str(Path(args.runs_dir).expanduser().resolve()) if args.runs_dir else ""  # once, here
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         PartialState(cpu=not torch.cuda.is_available())  # joins the process group the launcher set up
     cfg = load_preset(args.preset, json.loads(args.overrides_json))
     paths = RunPaths.for_config(cfg, args.runs_dir or None)
+    # The launcher's rank 0 takes the lock for all its processes (the others would wait on it forever).
+    lock = hold_lock(paths.root, wait=not args.no_wait) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    try:
+        with lock:
+            run_stage(args, cfg, paths, processes)
+    except LockBusy as err:
+        print(f"rlhf_lib.stages: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_stage(args: argparse.Namespace, cfg: StudyConfig, paths: RunPaths, processes: int) -> None:
+    """Build one stage's cached directory (every process of a launcher calls this)."""
     main_process = is_main_process()
     if main_process and args.stage != "data":
         from rlhf_lib.models import REGISTRY, materialize
@@ -97,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     stage_runner(args.stage)(cfg, paths, main_process and not args.no_progress)
     if main_process:
         print(f"{args.stage}: {Path(paths.stage(args.stage)).resolve()} ({processes} process(es))")
-    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

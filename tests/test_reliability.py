@@ -1,20 +1,113 @@
-"""Runs that nothing can corrupt: partial stage directories and torn records."""
+"""Runs that nothing can corrupt: the runs-folder lock, partial stage directories, torn records, CLI checks."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import run_all
 from rlhf_lib.config import load_preset
 from rlhf_lib.io import atomic_write_text, read_json
+from rlhf_lib.locking import HOLDER_ENV, LockBusy, hold_lock, read_holder
 from rlhf_lib.pipeline import DONE, OWNER, RunPaths, cached_stage, read_done
+
+REPO = Path(__file__).resolve().parent.parent
+HOLDER = """
+import sys
+from rlhf_lib.locking import hold_lock
+with hold_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.readline()  # until the test closes stdin
+"""
+
+
+@contextmanager
+def held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding `folder`'s lock until the block ends."""
+    env = {k: v for k, v in os.environ.items() if k != HOLDER_ENV}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        if proc.stdin and not proc.stdin.closed:
+            proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_no_wait_exits_2_naming_the_holder(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    with held_elsewhere(runs / "micro") as proc:
+        holder = read_holder(runs / "micro")
+        assert holder["pid"] == proc.pid and holder["host"] == socket.gethostname() and holder["since_utc"]
+        assert run_all.main(["--sizes", "micro", "--runs-dir", str(runs), "--output", str(tmp_path / "out"),
+                             "--no-wait", "--no-html"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {proc.pid} on host {socket.gethostname()}" in err and "in use" in err
+        from rlhf_lib import stages
+
+        assert stages.main(["data", "--preset", "micro", "--runs-dir", str(runs / "micro"), "--no-wait"]) == 2
+        assert f"pid {proc.pid}" in capsys.readouterr().err
+    assert read_holder(runs / "micro") is None  # the holder's sidecar goes with its lock
+
+
+def test_a_waiting_run_says_who_holds_the_lock_then_takes_it(tmp_path):
+    folder = tmp_path / "runs" / "micro"
+    printed = io.StringIO()
+    with held_elsewhere(folder) as proc:
+        threading.Timer(1.0, proc.stdin.close).start()  # the other run finishes a second from now
+        started = time.time()
+        with hold_lock(folder, wait=True, poll_s=0.1, out=printed):
+            assert time.time() - started >= 0.9
+            assert read_holder(folder)["pid"] == os.getpid()
+    assert f"Waiting for {folder.resolve()}: in use by pid {proc.pid}" in printed.getvalue()
+    assert read_holder(folder) is None
+
+
+def test_a_process_started_by_the_holder_works_under_its_lock(tmp_path, monkeypatch):
+    folder = tmp_path / "runs"
+    with held_elsewhere(folder) as proc:
+        monkeypatch.setenv(HOLDER_ENV, str(proc.pid))  # as in a kernel or launched stage of that run
+        with hold_lock(folder, wait=False):
+            pass
+        monkeypatch.setenv(HOLDER_ENV, str(os.getppid()))  # not the holder: must not pass
+        with pytest.raises(LockBusy, match=f"pid {proc.pid}"), hold_lock(folder, wait=False):
+            pass
+
+
+def test_run_all_holds_the_runs_and_output_locks_while_it_executes(tmp_path, monkeypatch):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    seen = {}
+
+    def fake_execute(step, args):  # a user's second command, started while a notebook runs
+        env = {k: v for k, v in os.environ.items() if k != HOLDER_ENV}
+        seen["env"] = os.environ.get(HOLDER_ENV)
+        second = subprocess.run([sys.executable, "-m", "rlhf_lib.stages", "data", "--preset", "micro", "--runs-dir",
+                                 step["runs_dir"], "--no-wait"], cwd=REPO, env=env, capture_output=True, text=True)
+        seen["rc"], seen["err"] = second.returncode, second.stderr
+        seen["output_holder"] = read_holder(out)
+        with cached_stage(RunPaths.for_config(load_preset("micro"), step["runs_dir"]), "data") as handle:
+            (handle.dir / "artifact.txt").write_text("data")
+        return 0.0
+
+    monkeypatch.setattr(run_all, "execute", fake_execute)
+    monkeypatch.setattr(run_all, "ensure_kernel", lambda: None)
+    assert run_all.main(["--sizes", "micro", "--only", "data", "--runs-dir", str(runs), "--output", str(out)]) == 0
+    assert seen["rc"] == 2 and f"pid {os.getpid()}" in seen["err"], seen["err"]
+    assert seen["env"] == str(os.getpid()) and seen["output_holder"]["pid"] == os.getpid()
+    assert HOLDER_ENV not in os.environ and read_holder(runs / "micro") is None
 
 
 def _partial(final: Path, tag: str, owner: dict | None) -> Path:
@@ -67,3 +160,61 @@ def test_read_json_and_atomic_write(tmp_path):
     atomic_write_text(tmp_path / "sub" / "r.json", '{"a": 1}')
     assert read_json(tmp_path / "sub" / "r.json") == {"a": 1}
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+@pytest.mark.filterwarnings("ignore:.*unreadable")
+@pytest.mark.parametrize("torn", ['{"stages": {"data": {"noteb', "[]", '{"stages": 3}'])
+def test_a_torn_run_record_is_rebuilt(tmp_path, capsys, torn):
+    paths = RunPaths.for_config(load_preset("micro"), tmp_path / "runs")
+    with cached_stage(paths, "data") as handle:
+        (handle.dir / "artifact.txt").write_text("data")
+    output = tmp_path / "results" / "micro" / "01_data.ipynb"
+    record = output.parent / "run_record.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(torn)
+    step = {"size": "micro", "stage": "data", "notebook": "01_data.ipynb", "output": output,
+            "runs_dir": str(paths.root), "stage_dir": paths.stage("data").name}
+    run_all.write_run_records([(step, 1.0, "ran")], ["--sizes", "micro"])
+    rebuilt = json.loads(record.read_text())
+    assert list(rebuilt["stages"]) == ["data"] and rebuilt["stages"]["data"]["seed"] == 0
+    assert "not a valid run record" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sizes", [",", "", " , ", "huge", "micro,huge"])
+def test_empty_or_unknown_sizes_exit_2_listing_the_presets(sizes, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_all.parse_args(["--sizes", sizes])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "available presets (configs/*.toml): large, medium, micro, small, tiny" in err
+    assert ("unknown preset(s) huge" in err) if "huge" in sizes else ("--sizes is empty" in err)
+
+
+def test_sizes_are_normalised_and_paths_resolved_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = run_all.parse_args(["--sizes", " tiny, micro,tiny ", "--runs-dir", "r", "--output", "o", "--notebooks", "n"])
+    assert args.sizes == "tiny,micro"
+    assert (args.runs_dir, args.output, args.notebooks) == tuple(str(tmp_path / name) for name in ("r", "o", "n"))
+    assert run_all.parse_args([]).runs_dir == ""  # the default runs root stays the pipeline's (absolute) default
+
+
+def test_summary_keeps_every_size_that_has_findings(tmp_path):
+    for size, metrics in (("tiny", "{}"), ("small", '{"mod'), ("large", None)):
+        (tmp_path / size).mkdir()
+        (tmp_path / size / "findings.json").write_text("{}")
+        if metrics is not None:
+            (tmp_path / size / "metrics.json").write_text(metrics)
+    (tmp_path / "medium").mkdir()  # no findings: not a size with results
+    with pytest.warns(UserWarning, match="small"):
+        assert run_all.summary_sizes(tmp_path, ["micro"]) == ["micro", "tiny", "large"]
+
+
+def test_the_real_notebooks_define_every_parameter_run_all_passes(monkeypatch):
+    args = run_all.parse_args(["--sizes", "micro"])
+    steps = [{"skip": False, "size": "micro", "notebook": name, "runs_dir": "/r", "output": Path("/o/micro") / name}
+             for name in run_all.NOTEBOOKS.values()]
+    run_all.check_notebook_parameters(steps, args)
+    real = run_all.notebook_parameters
+    monkeypatch.setattr(run_all, "notebook_parameters", lambda step, args: {**real(step, args), "extra": "1"})
+    with pytest.raises(run_all.NotebookParameterError, match="does not define extra"):
+        run_all.check_notebook_parameters(steps[:1], args)

@@ -11,12 +11,15 @@ import run_all
 pytestmark = pytest.mark.notebooks
 
 
-def _write_notebooks(folder: Path, fail_stage: str | None) -> None:
+PARAMETERS = 'preset = "micro"\nruns_dir = ""\noverrides_json = "{}"\nresults_dir = ""'
+
+
+def _write_notebooks(folder: Path, fail_stage: str | None, parameters: str = PARAMETERS) -> None:
     """Fixture notebooks: each finishes its stage through rlhf_lib.pipeline and counts its executions."""
     folder.mkdir(parents=True, exist_ok=True)
     for stage, name in run_all.NOTEBOOKS.items():
         nb = nbformat.v4.new_notebook()
-        params = nbformat.v4.new_code_cell('preset = "micro"\nruns_dir = ""\noverrides_json = "{}"\nresults_dir = ""')
+        params = nbformat.v4.new_code_cell(parameters)
         params.metadata["tags"] = ["parameters"]
         body = (
             "from pathlib import Path\n"
@@ -117,6 +120,36 @@ def test_launcher_runs_the_distributed_stages_before_their_notebooks(tmp_path, m
     # A launcher that fails stops the run, names the stage, and keeps what finished.
     monkeypatch.setattr(subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 3, "", ""))
     assert run_all.main([*common, "--launcher", "torchrun", "--force", "--quantize"]) == 1
+
+
+def test_relative_paths_land_under_the_working_directory_and_other_sizes_keep_their_rows(tmp_path, monkeypatch):
+    import shutil
+
+    nbs = tmp_path / "nbs"
+    _write_notebooks(nbs, fail_stage=None)
+    (tmp_path / "results" / "tiny").mkdir(parents=True)  # tiny's results from an earlier run
+    for name in ("metrics.json", "findings.json"):
+        shutil.copy(run_all.REPO / "results" / "tiny" / name, tmp_path / "results" / "tiny" / name)
+    monkeypatch.chdir(tmp_path)
+    assert run_all.main(["--sizes", "micro", "--only", "data", "--runs-dir", "runs", "--output", "results",
+                         "--notebooks", "nbs", "--no-html"]) == 0
+    assert next((tmp_path / "runs" / "micro").glob("data-*/DONE.json")).exists()
+    assert _executions(tmp_path / "runs" / "micro", "data") == 1
+    assert sorted(p.name for p in nbs.iterdir()) == sorted(run_all.NOTEBOOKS.values())  # nothing written in there
+    record = json.loads((tmp_path / "results" / "micro" / "run_record.json").read_text())
+    assert record["stages"]["data"]["preset"] == "micro"
+    summary = (tmp_path / "results" / "SUMMARY.md").read_text()
+    assert "| tiny |" in summary and "## tiny: findings" in summary  # a micro-only run keeps tiny's rows
+
+
+def test_an_unknown_notebook_parameter_stops_the_run_before_anything_executes(tmp_path, capsys):
+    runs, out, nbs = tmp_path / "runs", tmp_path / "results", tmp_path / "nbs"
+    _write_notebooks(nbs, fail_stage=None, parameters=PARAMETERS.replace('\nresults_dir = ""', ""))
+    common = ["--sizes", "micro", "--runs-dir", str(runs), "--output", str(out), "--notebooks", str(nbs), "--no-html"]
+    assert run_all.main(common) == 2
+    err = capsys.readouterr().err
+    assert "01_data.ipynb: its `parameters` cell does not define results_dir" in err
+    assert not (out / "micro").exists() and _executions(runs / "micro", "data") == 0
 
 
 def test_single_process_stages_refuse_a_launcher(monkeypatch, capsys):
