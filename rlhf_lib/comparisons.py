@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_lib.config import StudyConfig
-from rlhf_lib.generation import merged_copy, sample_texts
+from rlhf_lib.generation import sample_texts
 from rlhf_lib.io import atomic_write_text
 from rlhf_lib.prompting import format_prompt
 
@@ -93,9 +93,7 @@ def sample_k_completions(
             if saved_group is not None and saved_group["prompts"] == texts:
                 outputs, finished = saved_group["texts"], saved_group["ended"]
             elif source == "sft":
-                merged = merged_copy(model)  # the LoRA folded into the weights: no adapter matmuls per token
-                outputs, finished = sample_texts(merged, tokenizer, texts, **kwargs)
-                del merged
+                outputs, finished = sample_texts(model, tokenizer, texts, **kwargs)  # merges the LoRA for speed
             else:
                 with base_weights(model, cfg) as base:
                     outputs, finished = sample_texts(base, tokenizer, texts, **kwargs)

@@ -554,6 +554,11 @@ def pool_states(hidden: torch.Tensor, attention_mask: torch.Tensor, response_mas
     return torch.where(count > 0, mean, at_last)
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Does the model hold bitsandbytes 4-/8-bit weights? (Merging LoRA into them would re-quantize: lossy.)"""
+    return any(type(module).__name__ in ("Linear4bit", "Linear8bitLt") for module in model.modules())
+
+
 def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
     """`torch.load` restricted to tensors and plain containers (never arbitrary pickles)."""
     return torch.load(path, map_location=map_location, weights_only=True)

@@ -101,7 +101,7 @@ from rlhf_lib.adapters import (
     use_adapter,
 )
 from rlhf_lib.config import PPOConfig, StudyConfig
-from rlhf_lib.generation import Generated, generate
+from rlhf_lib.generation import Generated, generate, merged_copy
 from rlhf_lib.prompting import format_prompt
 
 if TYPE_CHECKING:
@@ -792,11 +792,12 @@ def _sample_responses(
     formatted = [format_prompt(tokenizer, p) for p in prompts]
     chunks = []
     with roles.role("policy") as policy:
+        sampler = merged_copy(policy)  # the policy's LoRA merged into a copy once per rollout: no adapter matmuls per token
         for index, start in enumerate(range(0, len(formatted), gen.batch_size)):
             try:
                 chunks.append(
                     generate(
-                        policy, tokenizer, formatted[start : start + gen.batch_size], max_new_tokens=gen.max_new_tokens,
+                        sampler, tokenizer, formatted[start : start + gen.batch_size], max_new_tokens=gen.max_new_tokens,
                         temperature=temperature, top_p=1.0,
                         generator_seed=seed * 1_000 + index if temperature > 0 else None,  # greedy: leave the RNG alone
                     )

@@ -195,16 +195,20 @@ class RewardModel:
             finetune = "full"
         self.head.save(directory / HEAD)
         meta = {"base_model": self.base_name, "bias": self.bias, "finetune": finetune, "max_tokens": self.max_tokens,
-                "layer": self.layer, "pooling": self.pooling}
+                "layer": self.layer, "pooling": self.pooling, "quantize_4bit": models.is_quantized(self.model)}
         (directory / META).write_text(json.dumps(meta, indent=1))
 
     @classmethod
-    def load(cls, directory: Path | str, device: str = "auto", quantize_4bit: bool = False) -> RewardModel:
+    def load(cls, directory: Path | str, device: str = "auto", quantize_4bit: bool | None = None) -> RewardModel:
+        """The saved RM, frozen. `quantize_4bit`: None loads the base as it was trained (4-bit or not, from
+        meta.json); True/False overrides that."""
         from peft import PeftModel
 
         directory = Path(directory)
         meta = json.loads((directory / META).read_text())
         tokenizer = models.load_tokenizer(meta["base_model"])
+        if quantize_4bit is None:
+            quantize_4bit = bool(meta.get("quantize_4bit", False))
         if meta["finetune"] == "lora":
             base = models.load_causal_lm(meta["base_model"], device=device, quantize_4bit=quantize_4bit)
             model = PeftModel.from_pretrained(base, str(directory / "adapter"), adapter_name="reward")

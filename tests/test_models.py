@@ -125,3 +125,48 @@ def test_real_smollm2_answers_a_factual_prompt_offline():
                    max_new_tokens=16, temperature=0.0)
     assert "paris" in out.texts[0].lower()
     assert bool(out.ended_with_eos[0])
+
+
+def _micro_policy(seed: int = 0):
+    """micro with a LoRA whose B matrices are non-zero, so the adapter changes the outputs."""
+    torch.manual_seed(seed)
+    policy = models.add_lora(models.load_causal_lm("micro"), rank=4, alpha=8)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return policy.eval()
+
+
+def test_merged_sampler_has_the_policys_log_probs_and_keeps_a_disabled_adapter_off(micro_tokenizer):
+    from rlhf_lib.generation import merged_copy
+
+    policy = _micro_policy()
+    batch = micro_tokenizer(["one two three four", "a b"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = torch.log_softmax(policy(**batch).logits, -1)
+        merged = merged_copy(policy)
+        assert not hasattr(merged, "peft_config")  # a plain transformers model: no adapter matmuls per token
+        fast = torch.log_softmax(merged(**batch).logits, -1)
+        with policy.disable_adapter():
+            base = torch.log_softmax(policy(**batch).logits, -1)
+            assert merged_copy(policy) is policy  # the caller asked for the base: never merge the adapter in
+    keep = batch["attention_mask"].bool()
+    assert torch.allclose(fast[keep], plain[keep], atol=1e-4)
+    assert (base[keep] - plain[keep]).abs().max() > 1e-3  # the adapter matters, so the check above has teeth
+    assert hasattr(policy.base_model.model.model.layers[0].self_attn.q_proj, "lora_A")  # the policy is untouched
+
+
+def test_fast_sampling_returns_each_prompts_answer_in_order(micro_tokenizer):
+    from rlhf_lib.generation import length_sorted_batches, sample_texts
+
+    prompts = ["short", "a much longer prompt with many more words in it than the others", "mid sized prompt here",
+               "x y", "another fairly long prompt that needs padding when batched"]
+    batches = length_sorted_batches(micro_tokenizer, prompts, 2)
+    assert sorted(i for b in batches for i in b) == list(range(5)) and batches[0] == [1, 4]
+    policy = _micro_policy(1)
+    common = dict(max_new_tokens=6, temperature=0.0, progress=False, return_ended=True)
+    fast = sample_texts(policy, micro_tokenizer, prompts, batch_size=2, **common)
+    plain = sample_texts(policy, micro_tokenizer, prompts, batch_size=1, fast=False, **common)
+    assert fast == plain  # greedy: the same answer for each prompt whatever the batching, order restored
+    assert len(set(fast[0])) > 1

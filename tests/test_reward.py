@@ -226,3 +226,18 @@ def test_cached_features_give_the_saved_rms_scores(tmp_path):
     assert loaded.layer == result.layer and loaded.pooling == "mean_response"
     cached = table.features[result.layer][table.rows(row["prompt"], row["completions"], row["completion_ended"])] @ fit.weight
     torch.testing.assert_close(saved_scores, cached + fit.intercept - 0.25, atol=1e-4, rtol=0)
+
+
+def test_a_4bit_reward_model_reloads_in_4bit(tmp_path):
+    """A 4-bit study's RM must come back 4-bit (it used to reload its base unquantised: a full-precision copy)."""
+    from rlhf_lib.models import is_quantized
+
+    cfg = load_preset("micro", {"model.quantize_4bit": True})
+    rm = new_reward_model(cfg)
+    assert is_quantized(rm.model)
+    rm.save(tmp_path / "rm")
+    assert is_quantized(RewardModel.load(tmp_path / "rm", device="cpu").model)
+    assert not is_quantized(RewardModel.load(tmp_path / "rm", device="cpu", quantize_4bit=False).model)
+    plain = new_reward_model(load_preset("micro"))
+    plain.save(tmp_path / "plain")
+    assert not is_quantized(RewardModel.load(tmp_path / "plain", device="cpu").model)
