@@ -12,6 +12,12 @@ by default, QLoRA when the preset sets `model.quantize_4bit`, full fine-tuning w
     from rlhf_lib.sft import train_sft, load_policy
     result = train_sft(cfg, demos, val_demos, out_dir)      # demos: [(prompt, response), ...]
     model, tokenizer = load_policy(result.adapter_dir)
+
+An interrupted training resumes: the Trainer's epoch checkpoints are kept in a work folder
+(`checkpoint_dir`; the stage's is runs/<preset>/work-sft-<fingerprint>/, outside the partial stage
+directory that a later run removes), each marked complete only once every file of it is on disk, and a
+rerun continues from the newest complete one. A checkpoint cut off while being written is skipped with a
+warning (the previous one, or a fresh start, is used instead).
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ from datasets import Dataset
 
 from rlhf_lib import models
 from rlhf_lib.config import StudyConfig
+from rlhf_lib.io import atomic_write_text, read_json
 from rlhf_lib.pipeline import is_main_process, wait_for_all_processes
 from rlhf_lib.prompting import bos_prefix, format_prompt
 
 META = "meta.json"
+CHECKPOINT_COMPLETE = "rlhf_complete.json"  # inside a Trainer checkpoint: written last, names every file and its size
 
 
 @dataclass
@@ -110,11 +118,16 @@ def train_sft(
     pretrain_mix: float = 0.0,
     progress: bool = True,
     reward_model_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> SFTResult:
     """Fine-tune the preset's base model on (prompt, response) pairs; keep the best epoch checkpoint.
 
     The best epoch is the one with the lowest validation loss, or, with `sft.select_by = "reward"`,
     the one whose greedy responses to the validation prompts `reward_model_dir`'s RM scores highest.
+    Checkpoints go to `checkpoint_dir` (default out_dir/checkpoints, removed at the end; a given folder is
+    left to the caller); training resumes from the newest complete checkpoint of the same set-up found there.
+    `callbacks` are extra transformers TrainerCallbacks.
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -126,6 +139,9 @@ def train_sft(
     tokenizer = models.load_tokenizer(cfg.model.name)
     model = models.load_from_preset(cfg, dropout=cfg.sft.residual_dropout)
     if cfg.model.finetune == "lora":
+        # LoRA's A matrices start random: seeded, so a run (and a resumed one's reference) does not depend
+        # on whatever drew random numbers before it in this process. The Trainer seeds itself only later.
+        torch.manual_seed(cfg.seed)
         model = models.lora_from_config(model, cfg.model)
 
     train = demonstrations_dataset(tokenizer, demonstrations)
@@ -144,8 +160,13 @@ def train_sft(
         warnings.warn(f"sft.grad_accum ({cfg.sft.grad_accum}) does not divide by {processes} processes: the global batch is "
                       f"{cfg.sft.batch_size * grad_accum * processes}, not {cfg.sft.batch_size * cfg.sft.grad_accum}.", stacklevel=2)
     steps_per_epoch = math.ceil(len(train) / (cfg.sft.batch_size * grad_accum * processes))
+    checkpoint_root = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
+    # A checkpoint resumes only the same training: same rows, epochs, batch and processes.
+    setup = {"rows": len(train), "validation_rows": len(val) if val is not None else 0, "epochs": epochs,
+             "batch_size": cfg.sft.batch_size, "grad_accum": grad_accum, "processes": processes}
+    resume_from = resumable_checkpoint(checkpoint_root, setup)
     args = SFTConfig(
-        output_dir=str(out_dir / "checkpoints"),
+        output_dir=str(checkpoint_root),
         num_train_epochs=epochs,
         per_device_train_batch_size=cfg.sft.batch_size,
         per_device_eval_batch_size=cfg.sft.batch_size,
@@ -166,8 +187,9 @@ def train_sft(
         **trl_common_args(cfg, progress),
     )
     started = time.time()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
-    trainer.train()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
+                         callbacks=[completion_marking_callback(setup), *callbacks])
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - started
 
     history = pd.DataFrame(trainer.state.log_history)
@@ -178,25 +200,99 @@ def train_sft(
         selection = {"selected_by": "val_loss" if val is not None else "last_epoch"}
         if by_reward:
             del trainer, model  # the checkpoints are reloaded one by one for scoring
-            scores = checkpoint_rewards(cfg, out_dir / "checkpoints", history, validation, reward_model_dir, progress)
+            scores = checkpoint_rewards(cfg, checkpoint_root, history, validation, reward_model_dir, progress)
             scores.to_csv(out_dir / "checkpoint_rewards.csv", index=False)
             best = scores.loc[scores["mean_reward"].idxmax()]
             chosen_dir, chosen_epoch = Path(best["checkpoint"]), float(best["epoch"])
             selection = {"selected_by": "reward", "reward_model": str(reward_model_dir), "mean_reward": float(best["mean_reward"])}
         else:
-            chosen_dir, chosen_epoch = _choose_checkpoint(out_dir / "checkpoints", history)
+            chosen_dir, chosen_epoch = _choose_checkpoint(checkpoint_root, history)
         if final.exists():
             shutil.rmtree(final)
         _export_checkpoint(chosen_dir, final, cfg)
         _write_meta(final, cfg, chosen_epoch=chosen_epoch, **selection)
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        if checkpoint_dir is None:
+            shutil.rmtree(checkpoint_root, ignore_errors=True)
     wait_for_all_processes()
     return SFTResult(final, history, chosen_epoch, seconds)
 
 
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _trainer_checkpoints(checkpoint_root: Path) -> list[Path]:
+    """checkpoint-<step> folders under `checkpoint_root`, oldest first."""
+    found = [p for p in Path(checkpoint_root).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, key=_checkpoint_step)
+
+
+def mark_checkpoint_complete(checkpoint: Path, setup: dict[str, Any]) -> None:
+    """Flush every file of a finished Trainer checkpoint to disk, then record their names and sizes (atomically).
+
+    The Trainer writes a checkpoint in place, file by file, without fsync: a kill or a power cut in between
+    leaves a folder that looks like a checkpoint. Only one with this record, matching the files, is resumed.
+    """
+    files = {}
+    for item in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_COMPLETE):
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())
+        files[str(item.relative_to(checkpoint))] = item.stat().st_size
+    record = {"step": _checkpoint_step(checkpoint), "setup": setup, "files": files}
+    atomic_write_text(checkpoint / CHECKPOINT_COMPLETE, json.dumps(record, indent=1))
+
+
+def checkpoint_problem(checkpoint: Path, setup: dict[str, Any]) -> str | None:
+    """Why `checkpoint` cannot be resumed (torn, or from another training set-up); None when it can."""
+    record = read_json(checkpoint / CHECKPOINT_COMPLETE, quiet=True)
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        return "it has no completion record (cut off while being written)"
+    if record.get("setup") != setup:
+        return f"it belongs to another training set-up ({record.get('setup')}, now {setup})"
+    for name, size in record["files"].items():
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is missing or not the size recorded ({size} bytes)"
+    return None
+
+
+def resumable_checkpoint(checkpoint_root: Path, setup: dict[str, Any]) -> Path | None:
+    """The newest complete checkpoint of this set-up under `checkpoint_root`, or None (train from scratch).
+
+    Newer checkpoints that are torn are skipped with a warning and removed (by the main process), so the
+    resumed training writes them afresh and the epoch selection never reads them.
+    """
+    for checkpoint in reversed(_trainer_checkpoints(checkpoint_root)):
+        problem = checkpoint_problem(checkpoint, setup)
+        if problem is None:
+            return checkpoint
+        warnings.warn(f"SFT checkpoint {checkpoint} is not resumable: {problem}. Skipping it; training resumes from "
+                      f"the previous complete checkpoint, or from scratch if there is none.", stacklevel=2)
+        if is_main_process():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def completion_marking_callback(setup: dict[str, Any]):
+    """A TrainerCallback that marks each checkpoint complete once the Trainer saved it (every process's files).
+
+    The class is built here, on first use: importing transformers' callbacks costs seconds at import time.
+    """
+    from transformers import TrainerCallback
+
+    class MarkCompleteCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            wait_for_all_processes()  # each process writes its own RNG state into the checkpoint
+            if state.is_world_process_zero:
+                mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", setup)
+            return control
+
+    return MarkCompleteCheckpoints()
+
+
 def _choose_checkpoint(checkpoint_root: Path, history: pd.DataFrame) -> tuple[Path, float]:
     """The epoch checkpoint with the lowest validation loss (the last one when there is no validation)."""
-    checkpoints = sorted(checkpoint_root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = _trainer_checkpoints(checkpoint_root)
     if not checkpoints:
         raise RuntimeError(f"SFT wrote no checkpoint under {checkpoint_root}")
     if "eval_loss" not in history or history["eval_loss"].isna().all():
@@ -223,7 +319,7 @@ def checkpoint_rewards(
     from rlhf_lib.generation import sample_texts
     from rlhf_lib.reward import RewardModel
 
-    checkpoints = sorted(checkpoint_root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = _trainer_checkpoints(checkpoint_root)
     if not checkpoints:
         raise RuntimeError(f"SFT wrote no checkpoint under {checkpoint_root}")
     epoch_at_step = dict(zip(history["step"].astype(int), history["epoch"], strict=False))
@@ -307,7 +403,8 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
     """Train both SFT products and sample base vs SFT on held-out prompts; cached per fingerprint.
 
     Writes policy/ (the SFT model), ppo_init/ (the PPO initialisation), log_history_*.csv and
-    samples.csv (greedy responses of base and SFT to the same eval prompts).
+    samples.csv (greedy responses of base and SFT to the same eval prompts). An interrupted run keeps the
+    Trainer's checkpoints in runs/<preset>/work-sft-<fp>/ and resumes from them; published, the folder goes.
     """
     from rlhf_lib.data.splits import validation_split
     from rlhf_lib.data.study import StudyData
@@ -315,6 +412,7 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
     from rlhf_lib.pipeline import cached_stage
 
     data = StudyData.load(paths.require("data") / "study")
+    work = sft_work_dir(paths)
     with cached_stage(paths, "sft") as stage:
         if not stage.done:
             rows = list(data.split("sft"))
@@ -334,7 +432,7 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
                         f"and {paths.root} holds none. Run the study once with select_by = 'val_loss' first."
                     )
             policy = train_sft(cfg, train, validation, stage.dir / "policy_run", progress=progress,
-                               reward_model_dir=reward_model_dir)
+                               reward_model_dir=reward_model_dir, checkpoint_dir=work / "policy")
             if main:
                 shutil.move(str(policy.adapter_dir), stage.dir / "policy")
                 policy.log_history.to_csv(stage.dir / "log_history_policy.csv", index=False)
@@ -344,6 +442,7 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
             init = train_sft(
                 cfg, train, [], stage.dir / "ppo_init_run", epochs=cfg.sft.ppo_init_epochs,
                 pretrain_texts=pretrain, pretrain_mix=cfg.sft.ppo_init_pretrain_mix, progress=progress,
+                checkpoint_dir=work / "ppo_init",
             )
             if not main:
                 return paths.stage("sft")  # cached_stage publishes after every process got here
@@ -368,4 +467,11 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
             (stage.dir / "timing.json").write_text(
                 json.dumps({"policy_seconds": policy.seconds, "ppo_init_seconds": init.seconds}, indent=1)
             )
+    if is_main_process():
+        shutil.rmtree(work, ignore_errors=True)  # the chosen checkpoints are in the published stage now
     return paths.stage("sft")
+
+
+def sft_work_dir(paths) -> Path:
+    """Where the SFT stage's Trainer checkpoints outlive an interruption (the partial stage directory does not)."""
+    return paths.root / f"work-sft-{paths.cfg.fingerprint('sft')}"

@@ -1,4 +1,6 @@
-"""SFT on the micro model: response-only loss, falling loss, adapter round trip, QLoRA."""
+"""SFT on the micro model: response-only loss, falling loss, adapter round trip, QLoRA, resuming after an interruption."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +109,159 @@ def test_checkpoint_chosen_by_reward_model_score(tmp_path):
     assert result.chosen_epoch == scores.loc[scores["mean_reward"].idxmax(), "epoch"]
     meta = json.loads((result.adapter_dir / "meta.json").read_text())
     assert meta["selected_by"] == "reward" and meta["mean_reward"] == pytest.approx(scores["mean_reward"].max())
+
+
+class _StopAtStep:
+    """Raises KeyboardInterrupt at the end of optimizer step `step` (before that step's checkpoint is saved)."""
+
+    def __new__(cls, step: int):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    raise KeyboardInterrupt(f"test interruption at step {step}")
+
+        return Stop()
+
+
+class _StopAfterFirstCheckpoint:
+    """Raises KeyboardInterrupt at the end of the first optimizer step after a checkpoint was saved."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            saved = False
+
+            def on_save(self, args, state, control, **kwargs):
+                self.saved = True
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if self.saved:
+                    raise KeyboardInterrupt(f"test interruption at step {state.global_step}")
+
+        return Stop()
+
+
+class _FirstStep:
+    """Records the global step the Trainer starts its first optimizer step from (0, or a resumed checkpoint's)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class First(TrainerCallback):
+            started_at: int | None = None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if self.started_at is None:
+                    self.started_at = state.global_step
+
+        return First()
+
+
+def _adapter_tensors(adapter_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def _interrupted_then_resumed(tmp_path, cfg, stop_at: int, tear=None):
+    """Train until KeyboardInterrupt at `stop_at`, optionally damage the checkpoints (`tear`), train again."""
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(cfg, PAIRS, PAIRS[2:], tmp_path / "first", progress=False, checkpoint_dir=work,
+                  callbacks=[_StopAtStep(stop_at)])
+    if tear:
+        tear(work)
+    first_step = _FirstStep()
+    result = train_sft(cfg, PAIRS, PAIRS[2:], tmp_path / "second", progress=False, checkpoint_dir=work,
+                       callbacks=[first_step])
+    return result, first_step.started_at
+
+
+def test_interrupted_sft_resumes_from_its_last_checkpoint(tmp_path):
+    # Dropout on, so the resumed run only matches if the Trainer's RNG state is restored as well.
+    cfg = _cfg(**{"sft.epochs": 4, "sft.residual_dropout": 0.1})
+    whole = train_sft(cfg, PAIRS, PAIRS[2:], tmp_path / "whole", progress=False, checkpoint_dir=tmp_path / "whole_ckpt")
+    # One optimizer step per epoch here (4 rows, batch 4): stopping at the end of step 3 leaves checkpoint-2.
+    resumed, started_at = _interrupted_then_resumed(tmp_path, cfg, stop_at=3)
+    assert started_at == 2, "training did not continue from the newest checkpoint"
+    assert resumed.log_history["step"].max() == whole.log_history["step"].max() == 4
+    # The log of the resumed run carries the steps before the interruption too.
+    assert resumed.log_history.dropna(subset=["loss"])["step"].tolist() == [1, 2, 3, 4]
+    assert resumed.chosen_epoch == whole.chosen_epoch
+    # On CPU the same ops in the same order with the restored RNG give the same weights; a GPU could differ
+    # in the last bits (nondeterministic kernels), which is why this is allclose rather than equal.
+    expected, actual = _adapter_tensors(whole.adapter_dir), _adapter_tensors(resumed.adapter_dir)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+    assert (tmp_path / "work" / "checkpoint-4").is_dir(), "a given checkpoint folder is left to its caller"
+
+
+def test_torn_checkpoint_is_skipped_with_a_warning(tmp_path):
+    from rlhf_lib.sft import CHECKPOINT_COMPLETE
+
+    cfg = _cfg(**{"sft.epochs": 4})
+
+    def tear_newest(work):
+        # A kill while the Trainer wrote checkpoint-2: its weights cut short, no completion record.
+        weights = work / "checkpoint-2" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        (work / "checkpoint-2" / CHECKPOINT_COMPLETE).unlink()
+
+    with pytest.warns(UserWarning, match="checkpoint-2 is not resumable"):
+        result, started_at = _interrupted_then_resumed(tmp_path, cfg, stop_at=3, tear=tear_newest)
+    assert started_at == 1, "a torn checkpoint must fall back to the previous complete one"
+    assert result.log_history["step"].max() == 4
+
+
+def test_checkpoint_of_another_setup_is_not_resumed(tmp_path):
+    cfg = _cfg(**{"sft.epochs": 2})
+    train_sft(cfg, PAIRS, PAIRS[2:], tmp_path / "a", progress=False, checkpoint_dir=tmp_path / "work")
+    first_step = _FirstStep()
+    with pytest.warns(UserWarning, match="another training set-up"):
+        train_sft(cfg, PAIRS[:3], PAIRS[2:], tmp_path / "b", progress=False, checkpoint_dir=tmp_path / "work",
+                  callbacks=[first_step])
+    assert first_step.started_at == 0
+
+
+def test_interrupted_sft_stage_resumes_and_cleans_up(tmp_path, bigbench_tasks, monkeypatch):
+    """The stage keeps its checkpoints outside the partial directory, resumes from them, removes them once published."""
+    from rlhf_lib import sft
+    from rlhf_lib.data.study import build_data_stage
+    from rlhf_lib.pipeline import RunPaths
+
+    cfg = load_preset("micro", {"sft.epochs": 2, "sft.ppo_init_epochs": 2})
+    paths = RunPaths.for_config(cfg, tmp_path / "runs")
+    build_data_stage(cfg, paths)
+    real_train_sft = sft.train_sft
+    started = {}
+
+    def train_sft_stopping_in_ppo_init(*args, **kwargs):
+        if Path(kwargs["checkpoint_dir"]).name == "ppo_init":  # the policy is done; stop the PPO init mid-way
+            kwargs["callbacks"] = [_StopAfterFirstCheckpoint()]
+        return real_train_sft(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "train_sft", train_sft_stopping_in_ppo_init)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run_sft_stage(cfg, paths, progress=False)
+    work = sft.sft_work_dir(paths)
+    assert not list(paths.root.glob(".sft-*.partial-*")), "the interrupted stage's partial directory stays behind"
+    for product in ("policy", "ppo_init"):
+        assert list((work / product).glob(f"checkpoint-*/{sft.CHECKPOINT_COMPLETE}")), f"no complete {product} checkpoint"
+
+    def train_sft_recording_first_step(*args, **kwargs):
+        first_step = _FirstStep()
+        kwargs["callbacks"] = [first_step]
+        result = real_train_sft(*args, **kwargs)
+        started[Path(kwargs["checkpoint_dir"]).name] = first_step.started_at
+        return result
+
+    monkeypatch.setattr(sft, "train_sft", train_sft_recording_first_step)
+    stage = sft.run_sft_stage(cfg, paths, progress=False)
+    assert paths.is_done("sft") and (stage / "policy" / "adapter_model.safetensors").exists()
+    assert started["policy"] is None, "the finished policy was trained again"  # no optimizer step was left to run
+    assert started["ppo_init"] > 0, "the PPO init started over instead of resuming"
+    assert not work.exists(), "the work folder outlived the published stage"
