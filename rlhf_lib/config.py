@@ -138,11 +138,13 @@ class RewardConfig:
     temperatures: list = _knob(
         [1.0], "Sampling temperatures of the K completions, cycled within each prompt (diversity within a prompt).",
     )
-    method: Literal["lora", "cached_head"] = _knob(
+    method: Literal["lora", "cached_head", "cached_blocks"] = _knob(
         "lora",
         "lora: LoRA on the SFT model + scalar head, trained end to end (GPU presets). cached_head: the SFT model is "
         "run once per completion and frozen; the scalar head is trained for many epochs on its cached last hidden "
-        "states, with early stopping on a validation split of the training prompts (CPU presets).",
+        "states, with early stopping on a validation split of the training prompts (CPU presets). cached_blocks: the "
+        "SFT model's lower blocks run once per completion; the top `train_blocks` blocks' LoRA and the head train on "
+        "the cached states entering them (rlhf_lib.reward_blocks), with early stopping on the same validation split.",
     )
     pooling: Literal["last", "mean_response"] = _knob(
         "last",
@@ -165,6 +167,11 @@ class RewardConfig:
     validation_fraction: float = _knob(
         0.2, "cached_head: share of the training prompts held out for early stopping and the L2 choice.", low=0.05, high=0.5
     )
+    train_blocks: int = _knob(2, "cached_blocks: how many of the top transformer blocks train (their LoRA).", low=1)
+    block_learning_rate: float = _knob(3e-4, "cached_blocks: Adam learning rate of the top blocks' LoRA and the head.",
+                                       low=0.0, high=1.0)
+    block_max_epochs: int = _knob(8, "cached_blocks: most epochs over the training comparisons.", low=1)
+    block_patience: int = _knob(2, "cached_blocks: stop after this many epochs without a better validation loss.", low=1)
 
 
 @dataclass

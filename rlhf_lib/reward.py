@@ -870,7 +870,10 @@ def run_reward_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
             started = time.time()
             tables = collect_comparisons(cfg, paths, work, stage.dir, progress)
             sampled = time.time() - started
-            train = _train_cached_head_rms if cfg.reward.method == "cached_head" else _train_lora_rms
+            if cfg.reward.method == "cached_blocks":
+                from rlhf_lib.reward_blocks import train_cached_blocks_rms as train
+            else:
+                train = _train_cached_head_rms if cfg.reward.method == "cached_head" else _train_lora_rms
             timings, predictions = train(cfg, paths, tables, stage.dir, progress)
             predictions.to_csv(stage.dir / "predictions.csv", index=False)
             timings |= {"method": cfg.reward.method, "comparisons_seconds": sampled, "total_seconds": time.time() - started}
