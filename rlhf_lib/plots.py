@@ -291,6 +291,14 @@ def _first_present(frame: pd.DataFrame, names: Sequence[str]) -> str | None:
     return next((name for name in names if name in frame.columns and frame[name].notna().any()), None)
 
 
+def _fullest_present(frame: pd.DataFrame, names: Sequence[str]) -> str | None:
+    """The alias with the most values (the first on a tie): a Trainer's log history has `train_loss` only in its
+    final summary row and the per-step loss in `loss`, so the first alias present would draw one point."""
+    counts = {name: int(frame[name].notna().sum()) for name in names if name in frame.columns}
+    best = max(counts.values(), default=0)
+    return next((name for name, count in counts.items() if count == best), None) if best else None
+
+
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
@@ -648,7 +656,7 @@ def plot_sft_curves(metrics: str | os.PathLike[str] | pd.DataFrame, out_path: st
     """SFT train and validation loss vs optimizer step (TRL log history or our metrics.csv)."""
     frame = _read_log(metrics)
     step = _first_present(frame, STEP_COLUMNS)
-    train, val = _first_present(frame, SFT_TRAIN_COLUMNS), _first_present(frame, SFT_VAL_COLUMNS)
+    train, val = _fullest_present(frame, SFT_TRAIN_COLUMNS), _fullest_present(frame, SFT_VAL_COLUMNS)
     if not train and not val:
         raise KeyError(f"No loss columns; expected one of {SFT_TRAIN_COLUMNS + SFT_VAL_COLUMNS}.")
     x = frame[step] if step else pd.Series(np.arange(len(frame)), name="row")

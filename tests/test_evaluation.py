@@ -521,3 +521,14 @@ def test_win_rate_uses_batched_utilities_consistently():
     single = preference.pairwise_scores(gens, prompt_rows(5), [KeywordJudge()])
     assert BatchedJudge.calls == 5  # one call per prompt, not per completion
     pd.testing.assert_frame_equal(batched, single)
+
+
+def test_sft_curve_draws_the_per_step_loss_not_the_trainers_one_summary_value(tmp_path):
+    """A Trainer's log history: `loss` every step, `eval_loss` per epoch, `train_loss` once in the summary row."""
+    from rlhf_lib import plots
+
+    history = pd.DataFrame({"step": [1, 2, 3, 4, 4, 4], "loss": [2.0, 1.8, 1.7, 1.6, None, None],
+                            "eval_loss": [None, None, None, None, 1.9, None], "train_loss": [None] * 5 + [1.78]})
+    plots.plot_sft_curves(history, tmp_path / "sft.png")
+    drawn = pd.read_csv(tmp_path / "sft.csv")
+    assert "loss" in drawn and "train_loss" not in drawn and drawn["loss"].notna().sum() == 4
