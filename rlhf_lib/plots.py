@@ -558,38 +558,54 @@ def plot_rm_learning_curve(
         return _save(fig, curve, out_path)
 
 
-def plot_ppo_curves(metrics: str | os.PathLike[str] | pd.DataFrame, out_path: str | os.PathLike[str]) -> Path:
-    """PPO training curves from a metrics.csv: reward, KL, entropy, clip fraction, value loss, ptx loss.
+def plot_ppo_curves(
+    metrics: str | os.PathLike[str] | pd.DataFrame | Mapping[str, str | os.PathLike[str] | pd.DataFrame],
+    out_path: str | os.PathLike[str],
+) -> Path:
+    """PPO training curves from metrics.csv files: reward, KL, entropy, clip fraction, value loss, ptx loss.
 
-    Columns are found by the aliases in PPO_SERIES (so TRL-style names work too); absent ones are
-    skipped. Long runs also get a moving average over 10% of the points.
+    `metrics` is one run's log or a mapping run name -> log (PPO and PPO-ptx), drawn overlaid in one colour per
+    run. Columns are found by the aliases in PPO_SERIES (so TRL-style names work too); a panel no run has is
+    skipped. A run with more than 20 points also gets its moving average over 10% of them (thick line, the raw
+    values thin), since one iteration's mean swings with the prompts it drew.
     """
-    frame = _read_log(metrics)
-    step = _first_present(frame, STEP_COLUMNS)
-    found = {title: col for title, names in PPO_SERIES.items() if (col := _first_present(frame, names))}
-    if not found:
+    sources = dict(metrics) if isinstance(metrics, Mapping) else {"PPO": metrics}
+    frames = {name: _read_log(source) for name, source in sources.items()}
+    steps = {name: _first_present(frame, STEP_COLUMNS) for name, frame in frames.items()}
+    columns = {name: {title: col for title, names in PPO_SERIES.items() if (col := _first_present(frame, names))}
+               for name, frame in frames.items()}
+    titles = [title for title in PPO_SERIES if any(title in found for found in columns.values())]
+    if not titles:
         raise KeyError(f"No PPO metric columns found; expected one of {sum(PPO_SERIES.values(), ())}.")
-    x = frame[step] if step else pd.Series(np.arange(len(frame)), name="row")
-    ncols = min(3, len(found))
-    nrows = math.ceil(len(found) / ncols)
+    ncols = min(3, len(titles))
+    nrows = math.ceil(len(titles) / ncols)
     with _style():
         fig, axes = _figure(ncols=ncols, nrows=nrows, width=3.8, height=3.0)
-        for ax, (title, col) in zip(axes, found.items(), strict=False):
-            y = frame[col]
-            ok = y.notna().to_numpy()
-            ax.plot(x[ok], y[ok], color=_PALETTE[0], linewidth=1.1, marker="o" if ok.sum() <= 30 else None, markersize=3)
-            if ok.sum() > 20:
-                window = max(3, int(ok.sum()) // 10)
-                ax.plot(x[ok], y[ok].rolling(window, min_periods=1).mean(), color=_PALETTE[3], linewidth=1.6,
-                        label=f"moving avg ({window})")
-                _legend(ax, loc="best")
+        for ax, title in zip(axes, titles, strict=False):
+            for i, (name, frame) in enumerate(frames.items()):
+                col = columns[name].get(title)
+                if col is None:
+                    continue
+                x = frame[steps[name]] if steps[name] else pd.Series(np.arange(len(frame)), name="row")
+                y = frame[col]
+                ok = y.notna().to_numpy()
+                color = METHOD_COLORS.get(name, _PALETTE[i % len(_PALETTE)])
+                smooth = ok.sum() > 20
+                ax.plot(x[ok], y[ok], color=color, linewidth=0.8 if smooth else 1.2, alpha=0.45 if smooth else 1.0,
+                        marker=None if smooth else "o", markersize=3, label=None if smooth else name)
+                if smooth:
+                    window = max(3, int(ok.sum()) // 10)
+                    ax.plot(x[ok], y[ok].rolling(window, min_periods=1).mean(), color=color, linewidth=1.8,
+                            label=f"{name} (moving avg of {window})")
             ax.set_title(title, fontsize=9)
-            ax.set_xlabel(step or "row")
-        for ax in axes[len(found) :]:
+            ax.set_xlabel(next((s for s in steps.values() if s), "row"))
+            _legend(ax, loc="best")
+        for ax in axes[len(titles) :]:
             ax.set_visible(False)
-        fig.suptitle("PPO training")
-        columns = ([step] if step else []) + list(found.values())
-        return _save(fig, frame[columns], out_path)
+        fig.suptitle("PPO training" if len(frames) == 1 else f"PPO training: {', '.join(frames)}")
+        data = pd.concat([frame[([steps[name]] if steps[name] else []) + list(columns[name].values())].assign(run=name)
+                          for name, frame in frames.items()], ignore_index=True)
+        return _save(fig, data, out_path)
 
 
 def plot_ppo_health(

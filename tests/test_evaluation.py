@@ -532,3 +532,16 @@ def test_sft_curve_draws_the_per_step_loss_not_the_trainers_one_summary_value(tm
     plots.plot_sft_curves(history, tmp_path / "sft.png")
     drawn = pd.read_csv(tmp_path / "sft.csv")
     assert "loss" in drawn and "train_loss" not in drawn and drawn["loss"].notna().sum() == 4
+
+
+def test_ppo_curves_overlay_the_runs_and_keep_each_runs_data(tmp_path):
+    from rlhf_lib import plots
+
+    ppo = pd.DataFrame({"iteration": range(1, 31), "rm_score": np.linspace(0, 1, 30), "kl": np.linspace(0, 2, 30)})
+    ptx = pd.DataFrame({"iteration": range(1, 6), "rm_score": [0.1] * 5, "ptx_loss": [3.0, 2.9, 2.9, 2.8, 2.8]})
+    plots.plot_ppo_curves({"PPO": ppo, "PPO-ptx": ptx}, tmp_path / "ppo.png")
+    drawn = pd.read_csv(tmp_path / "ppo.csv")
+    assert drawn.groupby("run").size().to_dict() == {"PPO": 30, "PPO-ptx": 5}
+    assert drawn.loc[drawn["run"] == "PPO", "ptx_loss"].isna().all()  # a panel only one run has
+    single = plots.plot_ppo_curves(ppo, tmp_path / "one.png")  # one run's log still works
+    assert set(pd.read_csv(single.with_suffix(".csv"))["run"]) == {"PPO"}
