@@ -526,7 +526,7 @@ def test_end_to_end_run_writes_metrics_samples_and_adapters(finished_run):
 def test_interrupted_run_resumes_and_reproduces(finished_run, artifacts, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import rlhf_lib.ppo as ppo_module
+    import rlhf_lib.ppo.trainer as ppo_module  # the loop looks these names up in trainer
 
     cfg = micro_cfg(**{"ppo.ema_decay": 0.9})
     real_save = ppo_module.save_checkpoint
@@ -557,7 +557,7 @@ def test_interrupted_run_resumes_and_reproduces(finished_run, artifacts, tmp_pat
 def _scripted_validation(monkeypatch, scores: dict[int, float], crash_at: int | None = None):
     """Real greedy validation, but with the score of each validation point taken from `scores` (the iteration
     is read off the newest checkpoint, so it holds across a resume); optionally interrupted once at `crash_at`."""
-    import rlhf_lib.ppo as ppo_module
+    import rlhf_lib.ppo.trainer as ppo_module  # the loop looks these names up in trainer
 
     real, crashed = ppo_module.validate_policy, []
 
@@ -616,7 +616,7 @@ def test_validation_exports_the_chosen_iterate_and_survives_an_interrupted_valid
 
 @pytest.mark.parametrize("action", ["stop", "flag"])
 def test_collapse_guard_stops_cleanly_or_flags(artifacts, tmp_path, monkeypatch, action):
-    import rlhf_lib.ppo as ppo_module
+    import rlhf_lib.ppo.trainer as ppo_module  # the loop looks these names up in trainer
 
     calls = []
 
@@ -748,7 +748,7 @@ def test_score_trend_compares_each_prompt_with_itself():
     import numpy as np
     import pandas as pd
 
-    from rlhf_lib.ppo import score_trend
+    from rlhf_lib.evaluation.ppo_logs import score_trend
 
     rng = np.random.default_rng(0)
     rows = []
@@ -774,7 +774,7 @@ def test_response_diversity_finds_one_answer_taking_over():
     """Varied answers give distinct share 1; a policy that says "No" to 3 of 4 prompts is caught, whitespace aside."""
     import pandas as pd
 
-    from rlhf_lib.ppo import response_diversity
+    from rlhf_lib.evaluation.ppo_logs import response_diversity
 
     samples = pd.DataFrame({
         "iteration": [1, 1, 1, 1, 2, 2, 2, 2],

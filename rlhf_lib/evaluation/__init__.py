@@ -11,6 +11,7 @@
     stats            Wilson / Clopper-Pearson intervals, cluster (prompt-level) bootstrap of ratios, paired
                      bootstrap of differences between methods, verdicts beside the paper
     text, lm_scoring answer normalisation and similarity; causal-LM log-likelihood scoring
+    ppo_logs         a finished PPO run's logs: the guards, within-prompt score trend, answer diversity
 
 Every metric returns a `MetricResult(value, ci_low, ci_high, n)` or a tidy DataFrame with those
 columns, ready for `rlhf_lib.plots` and for saving as CSV. `ALL_METRICS` lists every declaration.
