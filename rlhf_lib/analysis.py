@@ -58,6 +58,7 @@ import pandas as pd
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.evaluation import METHODS, summary_rows
 from rlhf_lib.evaluation.base import sort_frame
+from rlhf_lib.io import atomic_copy_file, atomic_write_text, read_json
 from rlhf_lib.pipeline import RunPaths, cached_stage
 
 BASELINE = "SFT"  # the paper's Figure 1 baseline
@@ -411,9 +412,12 @@ def run_analysis_stage(cfg: StudyConfig, paths: RunPaths, progress: bool = True)
     current = upstream_state(paths)
     final = paths.stage("analysis")
     if (final / "DONE.json").exists():
-        saved = json.loads((final / "upstream.json").read_text()) if (final / "upstream.json").exists() else None
+        saved = read_json(final / "upstream.json")  # torn: warned, and recomputed like a changed upstream
         if saved != current:
             print(f"[analysis] upstream stages changed since {final.name} was computed; recomputing.")
+            shutil.rmtree(final)
+        elif not isinstance(read_json(final / "metrics.json"), dict):
+            print(f"[analysis] {final.name}/metrics.json is missing or torn; recomputing.")
             shutil.rmtree(final)
     with cached_stage(paths, "analysis") as stage:
         if not stage.done:
@@ -646,8 +650,8 @@ def _run(cfg: StudyConfig, paths: RunPaths, out: Path, upstream: dict, progress:
         "dpo": json.loads((out / "dpo" / "policy" / "meta.json").read_text()) if (out / "dpo" / "policy").exists() else {},
         "timing_s": {**clock.seconds, "total": clock.total()},
     }
-    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
-    (out / "upstream.json").write_text(json.dumps(upstream, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=1))
+    atomic_write_text(out / "upstream.json", json.dumps(upstream, indent=1))
     for method, reason in found.skipped.items():
         print(f"[analysis] skipped {method}: {reason}")
 
@@ -707,7 +711,17 @@ def load_tables(stage_dir: Path | str) -> dict[str, pd.DataFrame]:
 
 
 def load_metrics(stage_dir: Path | str) -> dict[str, Any]:
-    return json.loads((Path(stage_dir) / "metrics.json").read_text())
+    """The metrics.json of an analysis stage (or a results folder); a clear error when it is missing or torn.
+
+    run_analysis_stage recomputes a stage whose metrics.json is torn, so after it this only fails on a results
+    folder, whose copy the next analysis run (or `run_all.py --only analysis --force`) rewrites.
+    """
+    path = Path(stage_dir) / "metrics.json"
+    metrics = read_json(path)  # warns when torn
+    if not isinstance(metrics, dict):
+        raise FileNotFoundError(f"{path} is missing or unreadable (torn by an interrupted write?). Rerun the analysis: "
+                                f"`python run_all.py --only analysis --force` (its stage recomputes a torn metrics.json).")
+    return metrics
 
 
 def export_results(stage_dir: Path | str, results_dir: Path | str, reward_dir: Path | str | None = None) -> list[Path]:
@@ -726,7 +740,7 @@ def export_results(stage_dir: Path | str, results_dir: Path | str, reward_dir: P
     for path in sorted(stage_dir.glob("*.csv")) + [stage_dir / "metrics.json"]:
         if path.exists():
             target = results_dir / ("analysis_" + path.name if path.suffix == ".csv" else path.name)
-            shutil.copy2(path, target)
+            atomic_copy_file(path, target)  # a reader (report.py, SUMMARY.md) never sees half a file
             copied.append(target)
     copied.append(write_findings(results_dir, reward_dir=reward_dir))
     return copied
@@ -748,7 +762,7 @@ def recheck_from_saved(cfg: StudyConfig, paths: RunPaths, results_dir: Path | st
     from rlhf_lib.evaluation import preference, truthfulness
 
     results_dir = Path(results_dir)
-    metrics = json.loads((results_dir / "metrics.json").read_text())
+    metrics = load_metrics(results_dir)
     data = StudyData.load(paths.require("data") / "study")
     judges, _ = heldout_judges(cfg, paths.stage("reward") if paths.is_done("reward") else None)
     gens = pd.read_csv(results_dir / "analysis_generations.csv", keep_default_na=False)
@@ -824,7 +838,7 @@ def cross_size_win_rates(
     key = {"largest": largest_cfg.preset, "analysis_finished": {cfg.preset: _done_record(paths, "analysis")["finished_utc"]
                                                                  for cfg, paths in done}}
     table_path, key_path = out_dir / CROSS_SIZE_TABLE, out_dir / CROSS_SIZE_KEY
-    if table_path.exists() and key_path.exists() and json.loads(key_path.read_text()) == key:
+    if table_path.exists() and read_json(key_path) == key:
         return pd.read_csv(table_path)
 
     rows = [dict(r) for r in StudyData.load(largest_paths.require("data") / "study").split("eval")]
@@ -836,7 +850,7 @@ def cross_size_win_rates(
     table = preference.win_rate_table(gens, rows, judges, baseline_method=BASELINE, baseline_size=largest_cfg.preset,
                                       n_resamples=largest_cfg.evaluation.bootstrap_samples, seed=largest_cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gens.to_csv(out_dir / CROSS_SIZE_GENERATIONS, index=False)
-    table.to_csv(table_path, index=False)
-    key_path.write_text(json.dumps(key, indent=1))
+    atomic_write_text(out_dir / CROSS_SIZE_GENERATIONS, gens.to_csv(index=False))
+    atomic_write_text(table_path, table.to_csv(index=False))
+    atomic_write_text(key_path, json.dumps(key, indent=1))  # last: the key vouches for the two tables
     return table

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,6 +58,7 @@ from rlhf_lib.evaluation.stats import (
     verdict,
     wilson_interval,
 )
+from rlhf_lib.io import atomic_write_text, read_json
 
 FINDINGS_FILE = "findings.json"
 RESERVED = ("missing", "about")
@@ -389,10 +388,10 @@ def _rm_accuracy(
 def _reward_minutes(results_dir: Path, reward_dir: Path | None) -> tuple[dict[str, dict[str, Any]], str]:
     done = reward_dir / "DONE.json" if reward_dir is not None else None
     if done is not None and done.exists():
-        seconds, source = json.loads(done.read_text()).get("seconds"), _source(done, results_dir)
+        seconds, source = _json_object(done).get("seconds"), _source(done, results_dir)
     else:
         record = results_dir / "run_record.json"
-        stage = json.loads(record.read_text()).get("stages", {}).get("reward", {}) if record.exists() else {}
+        stage = _json_object(record).get("stages", {}).get("reward", {})
         seconds, source = stage.get("stage_seconds"), _source(record, results_dir)
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         raise _Missing("no reward-stage time (no finished reward stage's DONE.json, no run_record.json entry)")
@@ -402,7 +401,7 @@ def _reward_minutes(results_dir: Path, reward_dir: Path | None) -> tuple[dict[st
     timing = reward_dir / "timing.json" if reward_dir is not None else None
     if timing is not None and timing.exists():
         # Where the time went (sampling, features, fits): a stage that reused earlier samples shows it here.
-        parts = json.loads(timing.read_text())
+        parts = _json_object(timing)
         entry["parts_minutes"] = {key.removesuffix("_seconds"): round(float(value) / 60.0, 2) for key, value in parts.items()
                                   if key.endswith("_seconds") and isinstance(value, (int, float))}
     return {"reward_stage_minutes": entry}, source
@@ -424,8 +423,7 @@ def build_findings(
     """
     results_dir = Path(results_dir)
     reward = Path(reward_dir) if reward_dir is not None else None
-    metrics_path = results_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics = _json_object(results_dir / "metrics.json")  # torn: warned, and what needs it is listed as missing
     seed = int(metrics.get("seed", 0)) if seed is None else seed
     best_of_n = metrics.get("counts", {}).get("best_of_n")
     entries: dict[str, dict[str, Any]] = {}
@@ -487,14 +485,13 @@ def write_findings(
     results_dir = Path(results_dir)
     findings = build_findings(results_dir, reward_dir, n_resamples=n_resamples, seed=seed)
     validate_findings(findings)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    target = results_dir / FINDINGS_FILE
-    handle, tmp = tempfile.mkstemp(prefix=".findings-", suffix=".json", dir=results_dir)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(findings, out, indent=1, allow_nan=False)
-        out.write("\n")
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(results_dir / FINDINGS_FILE, json.dumps(findings, indent=1, allow_nan=False) + "\n")
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object at `path`; {} when it is missing, or torn or not an object (read_json warns)."""
+    record = read_json(path)
+    return record if isinstance(record, dict) else {}
 
 
 def load_findings(results_dir: Path | str) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
     from rlhf_lib.io import atomic_write_text, read_json
     atomic_write_text(path, json.dumps(record))     # temp file beside it, fsync, rename, fsync the folder
+    atomic_copy_file(source, target)                # the same for a copy
     record = read_json(path)                        # None (with a warning) when missing or torn
 """
 
@@ -31,6 +32,26 @@ def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> P
             os.unlink(tmp)
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_copy_file(source: Path | str, target: Path | str) -> Path:
+    """Copy `source` (contents and times) to `target` through a temporary file beside it, fsynced, then renamed."""
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        shutil.copy2(source, tmp)
+        with open(tmp, "rb") as copied:
+            os.fsync(copied.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(target.parent)
+    return target
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -21,11 +21,8 @@ labelers, so the comparison is about direction and rough size, not about matchin
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +32,7 @@ import pandas as pd
 
 from rlhf_lib import paper
 from rlhf_lib.evaluation.stats import wilson_interval
+from rlhf_lib.io import atomic_write_text, read_json
 
 # (key in metrics.json "methods", column label, percent?)
 HEADLINE_COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -374,8 +372,9 @@ def _load_record(results_dir: Path, size: str) -> dict[str, Any] | None:
 
 
 def load_size_metrics(results_dir: Path, size: str) -> dict[str, Any] | None:
-    path = Path(results_dir) / size / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    """A size's metrics.json; None when it is missing, or torn (with a warning: its analysis must rerun)."""
+    metrics = read_json(Path(results_dir) / size / "metrics.json")
+    return metrics if isinstance(metrics, dict) else None
 
 
 def cross_size_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -428,7 +427,7 @@ def write_summary(results_dir: Path, sizes: list[str], command: str | None = Non
         lines.append(f"| {size} | {m.get('model', '?')} | {m.get('seed', '?')} | {m.get('fingerprint', '?')} | "
                      f"{m.get('finished_utc', '?')} | {m.get('decoding', '?')} |")
     for size in missing:
-        lines.append(f"| {size} | no results (`{results_dir / size / 'metrics.json'}` missing) | | | | |")
+        lines.append(f"| {size} | no results (`{results_dir / size / 'metrics.json'}` missing or unreadable) | | | | |")
     if found:
         records = {size: _load_record(results_dir, size) for size in found}
         lines += ["", "## The paper's findings beside ours", "",
@@ -449,10 +448,4 @@ def write_summary(results_dir: Path, sizes: list[str], command: str | None = Non
             lines.append(f"- note: {note}")
     lines += _cross_size_section(results_dir, sizes)
     text = "\n".join(lines) + "\n"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    target = results_dir / SUMMARY_FILE
-    handle, tmp = tempfile.mkstemp(prefix=".SUMMARY-", suffix=".md", dir=results_dir)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(results_dir / SUMMARY_FILE, text)

@@ -218,3 +218,100 @@ def test_the_real_notebooks_define_every_parameter_run_all_passes(monkeypatch):
     monkeypatch.setattr(run_all, "notebook_parameters", lambda step, args: {**real(step, args), "extra": "1"})
     with pytest.raises(run_all.NotebookParameterError, match="does not define extra"):
         run_all.check_notebook_parameters(steps[:1], args)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics, findings and SUMMARY.md: written atomically, a torn metrics.json warned about, never a crash
+# --------------------------------------------------------------------------------------------
+
+TORN_METRICS = '{"preset": "tiny", "seed": 0, "methods": {"ppo": {"win_rate_vs_s'
+
+
+def _committed_results(tmp_path: Path, size: str, names: tuple[str, ...]) -> Path:
+    """A copy of some of results/tiny's files under tmp_path/<size> (skips when results/tiny is not rendered)."""
+    import shutil
+
+    source = REPO / "results" / "tiny"
+    if not all((source / name).exists() for name in names):
+        pytest.skip("results/tiny is not rendered in this checkout")
+    target = tmp_path / size
+    target.mkdir(parents=True)
+    for name in names:
+        shutil.copy2(source / name, target / name)
+    return target
+
+
+def test_a_torn_metrics_json_leaves_its_size_out_of_the_summary(tmp_path):
+    from rlhf_lib.report import SUMMARY_FILE, write_summary
+
+    _committed_results(tmp_path, "tiny", ("metrics.json",))
+    (tmp_path / "micro").mkdir()
+    (tmp_path / "micro" / "metrics.json").write_text(TORN_METRICS)
+    with pytest.warns(UserWarning, match="metrics.json is unreadable"):
+        summary = write_summary(tmp_path, ["micro", "tiny"])
+    text = summary.read_text()
+    assert summary == tmp_path / SUMMARY_FILE and "## tiny: headline numbers per method" in text
+    assert "| micro | no results" in text and "## micro: headline" not in text
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [SUMMARY_FILE]  # no temporary file left
+
+
+def test_findings_from_a_torn_metrics_json_are_written_with_a_warning(tmp_path):
+    from rlhf_lib.findings import load_findings, write_findings
+
+    results = _committed_results(tmp_path, "tiny", ("metrics.json", "analysis_win_rate.csv", "run_record.json"))
+    (results / "metrics.json").write_text(TORN_METRICS)
+    (results / "run_record.json").write_text('{"stages": {"reward": {"stage_sec')
+    with pytest.warns(UserWarning, match="unreadable"):
+        record = load_findings(write_findings(results, n_resamples=100).parent)
+    assert "reward_stage_minutes" in record["missing"], "a torn run record must not give a reward-stage time"
+    assert record["about"]["preset"] is None  # metrics.json was ignored, not half-read
+
+
+def test_load_metrics_of_a_torn_file_says_what_to_do(tmp_path):
+    from rlhf_lib.analysis import load_metrics
+
+    (tmp_path / "metrics.json").write_text(TORN_METRICS)
+    with pytest.warns(UserWarning, match="unreadable"), pytest.raises(FileNotFoundError, match="--only analysis --force"):
+        load_metrics(tmp_path)
+
+
+def test_a_finished_analysis_with_a_torn_metrics_json_is_recomputed(tmp_path, monkeypatch):
+    from rlhf_lib import analysis
+
+    paths = RunPaths.for_config(load_preset("micro"), tmp_path / "runs")
+    upstream = {"sft": "finished once"}
+    runs = []
+
+    def fake_run(cfg, paths, out, current, progress):  # the real one generates and judges: minutes, not needed here
+        runs.append(out)
+        atomic_write_text(out / "metrics.json", json.dumps({"preset": "micro", "run": len(runs)}))
+        atomic_write_text(out / "upstream.json", json.dumps(current))
+
+    monkeypatch.setattr(analysis, "upstream_state", lambda paths: upstream)
+    monkeypatch.setattr(analysis, "_run", fake_run)
+    stage = analysis.run_analysis_stage(paths.cfg, paths, progress=False)
+    assert analysis.load_metrics(stage)["run"] == 1 and len(runs) == 1
+    analysis.run_analysis_stage(paths.cfg, paths, progress=False)
+    assert len(runs) == 1, "a finished analysis with intact records was recomputed"
+    (stage / "metrics.json").write_text(TORN_METRICS)
+    with pytest.warns(UserWarning, match="metrics.json is unreadable"):
+        analysis.run_analysis_stage(paths.cfg, paths, progress=False)
+    assert len(runs) == 2 and analysis.load_metrics(stage)["run"] == 2
+
+
+def test_an_interrupted_export_keeps_the_previous_metrics_whole(tmp_path, monkeypatch):
+    from rlhf_lib import io
+    from rlhf_lib.analysis import export_results
+
+    stage, results = tmp_path / "stage", tmp_path / "results"
+    atomic_write_text(stage / "metrics.json", json.dumps({"run": "new", "numbers": list(range(1000))}))
+    atomic_write_text(results / "metrics.json", json.dumps({"run": "previous"}))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(io.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_results(stage, results)
+    assert read_json(results / "metrics.json") == {"run": "previous"}
+    assert [p.name for p in results.iterdir()] == ["metrics.json"], "a temporary copy was left behind"
