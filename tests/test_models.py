@@ -248,3 +248,12 @@ def test_weight_packages_are_pinned_where_they_are_installed():
             assert importlib.metadata.version(package) == version, f"{package} installed is not the pinned {version}"
         except importlib.metadata.PackageNotFoundError:
             pass  # not installed here: the offline-model tests say so on their own
+
+
+def test_the_gpt_baseline_says_what_it_is():
+    """The paper's GPT-3 is a pretrained LM; an instruction-tuned base must not pass for one (issue: the tiny
+    'GPT' row is SmolLM2-135M-Instruct)."""
+    assert "instruction-tuned" in models.baseline_description("smollm2-135m-instruct")
+    assert "pretrained (base) LM like the paper's" in models.baseline_description("gemma-3-270m")
+    assert "check its model card" in models.baseline_description("Qwen/Qwen2.5-1.5B")
+    assert {spec.kind for spec in models.REGISTRY.values()} <= {"pretrained", "instruction-tuned", "random"}
