@@ -601,7 +601,12 @@ def reward_card(ctx: StudyContext, summary: dict[str, Any]) -> str:
                  f"`prompt_text` and the rest of the input recipe are in config.json under `{REWARD_INPUT_KEY}` "
                  "(`rlhf_lib.export.exported_scores` does all of it). Pad on the right: the body counts positions "
                  "from each row's first token. An answer cut at the token budget gets no EOS, as in the study. "
-                 f"Scores are normalised so human demonstrations average 0.\n\n{form}\n")
+                 f"Scores are normalised so human demonstrations average 0.\n\n{form}\n\n"
+                 "In TRL: PPO's `get_reward` (left-padded query, right-padded answer, its own positions) reads these "
+                 "scores as they are (tested). GRPOTrainer scores `prompt + completion` right-padded, as above, but "
+                 "decodes completions without special tokens, so a finished answer reaches the RM without its EOS: "
+                 "give it formatted prompts and a reward function that appends EOS to finished answers; the offset "
+                 "cancels in GRPO's group-normalised advantages.\n")
     return (front_matter(library_name="transformers", pipeline_tag="text-classification",
                          tags=["rlhf", "instructgpt", "reward-model", "reproduction"])
             + f"# InstructGPT reproduction, `{ctx.preset}`: reward model\n\n" + usage

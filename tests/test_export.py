@@ -253,6 +253,25 @@ def test_the_command_exports_the_rm_and_records_what_it_did(exported, study):
     torch.testing.assert_close(export.exported_scores(model, tokenizer, PROMPTS, ANSWERS, ENDED), ours, atol=1e-5, rtol=0)
 
 
+def test_trls_ppo_reward_function_reads_our_scores_from_the_exported_rm(exported, study):
+    """TRL's PPO scores query + response with its own positions (left-padded queries, right-padded answers)."""
+    from trl.experimental.utils import get_reward
+
+    from rlhf_lib.prompting import format_prompt
+
+    model, tokenizer = _load_classifier(exported / export.REWARD_DIR)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    queries = [ids(format_prompt(tokenizer, p)) for p in PROMPTS]
+    answers = [ids(a.strip() + (tokenizer.eos_token if e else "")) for a, e in zip(ANSWERS, ENDED, strict=True)]
+    context, width, pad = max(map(len, queries)), max(map(len, answers)) + 1, tokenizer.pad_token_id
+    rows = [[pad] * (context - len(q)) + q + a + [pad] * (width - len(a)) for q, a in zip(queries, answers, strict=True)]
+    with torch.no_grad():
+        _, trl_scores, _ = get_reward(model, torch.tensor(rows), pad, context)
+    ours = RewardModel.load(study.reward / "model", device="cpu").score_texts(PROMPTS, ANSWERS, ended=ENDED)
+    offset = getattr(model.config, export.SCORE_OFFSET_KEY)
+    torch.testing.assert_close(trl_scores + offset, ours, atol=1e-5, rtol=0)
+
+
 def test_comparisons_hold_every_untied_pair_winner_first(exported, study):
     from datasets import load_dataset, load_from_disk
 
