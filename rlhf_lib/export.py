@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from rlhf_lib import models
-from rlhf_lib.adapters import read_meta
+from rlhf_lib.artifacts import read_meta
 from rlhf_lib.pipeline import STAGES, RunPaths, default_runs_root, read_done
 from rlhf_lib.prompting import PLAIN_TEMPLATE, format_prompt, uses_chat_template
 
@@ -128,9 +128,19 @@ def merged_policy(policy_dir: Path) -> tuple[torch.nn.Module, Any]:
     return PeftModel.from_pretrained(base, str(policy_dir)).merge_and_unload(), tokenizer
 
 
+def with_saved_settings(tokenizer, **settings: Any):
+    """A copy of `tokenizer` with `settings` that survive save_pretrained (it writes only init kwargs)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    for key, value in settings.items():
+        setattr(tokenizer, key, value)
+        tokenizer.init_kwargs[key] = value
+    return tokenizer
+
+
 def export_policy(policy_dir: Path, out_dir: Path) -> Path:
     """Save one policy as a standard checkpoint (safetensors + config + generation config + tokenizer)."""
     model, tokenizer = merged_policy(policy_dir)
+    tokenizer = with_saved_settings(tokenizer, padding_side="left")  # batched generation needs left padding
     with models.atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -270,12 +280,7 @@ def block_classifier(lm: torch.nn.Module, tokenizer, head: models.ScalarHead, bl
 
 def reward_tokenizer(tokenizer, max_tokens: int):
     """The tokenizer as the exported RM needs it: right padding, cut from the left at the RM's length."""
-    tokenizer = copy.deepcopy(tokenizer)
-    settings = {"padding_side": "right", "truncation_side": "left", "model_max_length": max_tokens}
-    for key, value in settings.items():
-        setattr(tokenizer, key, value)
-        tokenizer.init_kwargs[key] = value  # save_pretrained writes only init kwargs (and model_max_length)
-    return tokenizer
+    return with_saved_settings(tokenizer, padding_side="right", truncation_side="left", model_max_length=max_tokens)
 
 
 def reward_text(tokenizer, prompt: str, response: str, ended: bool = True) -> str:
@@ -307,13 +312,14 @@ def export_reward_model(reward_dir: Path, out_root: Path) -> tuple[Path, dict[st
 
     Returns (folder written, summary); the summary's "refused" holds the reason when the copy was made.
     """
-    from rlhf_lib.reward import RewardModel
+    from rlhf_lib.artifacts import RewardModel
 
     meta = read_meta(reward_dir)
     rm = RewardModel.load(reward_dir, device="cpu", quantize_4bit=False)
     lm = rm.model.merge_and_unload() if hasattr(rm.model, "merge_and_unload") else rm.model
     summary: dict[str, Any] = {"method": meta.get("method", "lora"), "layer": rm.layer, "pooling": rm.pooling,
-                               "bias": rm.bias, "num_hidden_layers": lm.config.num_hidden_layers}
+                               "bias": rm.bias, "num_hidden_layers": lm.config.num_hidden_layers,
+                               "quantize_4bit": bool(meta.get("quantize_4bit", False))}
     try:
         plan = reward_export_plan(rm.layer, rm.pooling, lm.config.num_hidden_layers, lm.config.model_type)
     except ExportRefused as err:
@@ -613,7 +619,10 @@ def reward_card(ctx: StudyContext, summary: dict[str, Any]) -> str:
             + f"\n## Method\n\nStep 2 of InstructGPT: initialised from the SFT model, trained on K-wise rankings "
             f"(all C(K,2) pairs of a prompt in one batch element). Method `{summary['method']}`: "
             f"{REWARD_METHODS.get(summary['method'], 'see rlhf_lib.reward')}; the head reads {layer_text}.\n\n"
-            "Knobs of the reward stage (from its DONE.json):\n\n" + _knobs(ctx, "reward", ("reward",)) + "\n" + data_section(ctx) + "\n"
+            + ("The study ran this RM on a 4-bit base; the export merges its adapter into the full-precision base, so "
+               "its scores differ from the study's by the quantisation error.\n\n" if summary.get("quantize_4bit") else "")
+            + "Knobs of the reward stage (from its DONE.json):\n\n" + _knobs(ctx, "reward", ("reward",)) + "\n"
+            + data_section(ctx) + "\n"
             + findings_section(ctx) + "\n" + provenance_section(ctx, STAGES[:3]) + "\n" + limits_section(ctx))
 
 

@@ -128,6 +128,7 @@ def test_rm_input_is_truncated_from_the_left_like_ours(tmp_path):
     folder, _ = export.export_reward_model(tmp_path / "rm", tmp_path / "out")
     model, tokenizer = _load_classifier(folder)
     batch = tokenizer([export.reward_text(tokenizer, PROMPTS[1], ANSWERS[1])], truncation=True, add_special_tokens=False)
+    assert (tokenizer.padding_side, tokenizer.truncation_side) == ("right", "left")
     assert len(batch["input_ids"][0]) == 16  # cut to the RM's length, keeping the end where the score is read
     ours = RewardModel.load(tmp_path / "rm", device="cpu").score_texts(PROMPTS, ANSWERS, ended=ENDED)
     torch.testing.assert_close(export.exported_scores(model, tokenizer, PROMPTS, ANSWERS, ENDED), ours, atol=1e-5, rtol=0)
@@ -237,6 +238,7 @@ def test_policies_load_as_plain_causal_lms_with_our_logits(study, exported, name
     plain = AutoModelForCausalLM.from_pretrained(exported / name).eval()
     tokenizer = AutoTokenizer.from_pretrained(exported / name)
     assert not any("lora" in key for key in plain.state_dict())  # merged, not an adapter
+    assert tokenizer.padding_side == "left"  # as the study generates
     ids = tokenizer(["Name a colour.", "The river runs to the sea"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(**ids).logits, ours.eval()(**ids).logits, atol=1e-5, rtol=0)
