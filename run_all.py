@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--from", dest="start", choices=list(NOTEBOOKS), help="run this stage and the ones after it")
     parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")
     parser.add_argument("--quantize", action="store_true", help="force 4-bit nf4 bases (model.quantize_4bit = true)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one knob of the preset, e.g. --set ppo.iterations=10 (repeatable). VALUE is read "
+                        "as TOML (10, 3e-4, true, [0.7, 1.0], \"text\"); a bare word is a string. Validated like the "
+                        "preset; part of the stage fingerprints and the run record")
     parser.add_argument("--output", default=str(REPO / "results"), help="folder for rendered notebooks and figures")
     parser.add_argument("--runs-dir", default="", help="folder for stage artifacts (default: runs/)")
     parser.add_argument("--no-html", action="store_true", help="skip the HTML export")
@@ -70,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--notebooks", default=str(REPO / "notebooks"), help=argparse.SUPPRESS)  # tests use fixtures
     args = parser.parse_args(argv)
     args.sizes = ",".join(checked_sizes(parser, args.sizes))
+    args.overrides = parsed_settings(parser, args.settings)
+    checked_overrides(parser, args)
     # Absolute from here on: papermill runs the notebooks in notebooks/, run records are read back from here.
     for name in ("output", "runs_dir", "notebooks"):
         if getattr(args, name):
@@ -96,6 +102,34 @@ def checked_sizes(parser: argparse.ArgumentParser, sizes: str) -> list[str]:
     return names
 
 
+def parsed_settings(parser: argparse.ArgumentParser, settings: list[str]) -> dict:
+    """--set KEY=VALUE pairs as dotted overrides; VALUE is a TOML value, or a plain string when it is not one."""
+    import tomllib
+
+    overrides: dict = {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            parser.error(f"--set {setting!r}: expected KEY=VALUE with a dotted knob name, e.g. --set ppo.iterations=10")
+        try:
+            overrides[key] = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = text.strip()
+    return overrides
+
+
+def checked_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every size's preset with the command line's overrides must validate, before anything runs (exit 2)."""
+    from rlhf_lib.config import ConfigError, load_preset
+
+    for size in run_sizes(args):
+        try:
+            load_preset(size, overrides_for(args))
+        except ConfigError as err:
+            parser.error(f"--set / --seed for preset {size}: {err}")
+
+
 def run_sizes(args: argparse.Namespace) -> list[str]:
     return args.sizes.split(",")  # checked and normalised by parse_args
 
@@ -110,7 +144,8 @@ def selected_stages(args: argparse.Namespace) -> list[str]:
 
 
 def overrides_for(args: argparse.Namespace) -> dict:
-    overrides: dict = {}
+    """The preset overrides of this command line: --set ones, then --seed and --quantize."""
+    overrides: dict = dict(getattr(args, "overrides", {}))
     if args.seed is not None:
         overrides["seed"] = args.seed
     if args.quantize:
@@ -156,7 +191,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
             steps.append(
                 {"size": size, "stage": stage, "notebook": NOTEBOOKS[stage], "output": out, "stage_done": done,
                  "skip": current, "estimate_s": 0 if current else seconds, "runs_dir": str(paths.root),
-                 "stage_dir": paths.stage(stage).name,
+                 "stage_dir": paths.stage(stage).name, "overrides": overrides_for(args),
                  "launch": bool(args.launcher) and stage in DISTRIBUTED_STAGES and not done}
             )
     return steps
@@ -311,6 +346,7 @@ def write_run_records(summary: list[tuple[dict, float, str]], argv: list[str]) -
                 "commit": code_commit(),  # the code that rendered the notebook
                 "stage_commit": done.get("commit", "not recorded"),  # the code that computed the stage
                 "preset": size,
+                "overrides": step.get("overrides", {}),  # --set / --seed / --quantize on top of the preset
                 "seed": done.get("seed", "not recorded"),
                 "fingerprint": done.get("fingerprint", step["stage_dir"].rsplit("-", 1)[-1]),
                 "rendered_utc": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -205,3 +205,37 @@ def test_code_commit_ignores_the_runs_own_results(tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     assert code_commit(tmp_path) == head + "+dirty"
     assert code_commit(tmp_path / "results" / "nowhere") == "unknown"
+
+
+def test_set_overrides_a_knob_rerunning_only_the_stages_it_reaches(tmp_path):
+    runs, out, nbs = tmp_path / "runs", tmp_path / "results", tmp_path / "nbs"
+    _write_notebooks(nbs, fail_stage=None)
+    common = ["--sizes", "micro", "--runs-dir", str(runs), "--output", str(out), "--notebooks", str(nbs), "--no-html"]
+    assert run_all.main(common) == 0
+    before = {p.name for p in (runs / "micro").iterdir() if p.is_dir()}
+    assert run_all.main([*common, "--set", "ppo.iterations=3", "--set", "reward.temperatures=[0.5, 1.0]"]) == 0
+    added = {p.name for p in (runs / "micro").iterdir() if p.is_dir()} - before
+    assert {name.split("-")[0] for name in added} == {"reward", "ppo", "analysis"}  # data and sft reused
+    record = json.loads((out / "micro" / "run_record.json").read_text())["stages"]
+    assert record["ppo"]["overrides"] == {"ppo.iterations": 3, "reward.temperatures": [0.5, 1.0]}
+    assert "--set ppo.iterations=3" in record["ppo"]["command"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("ppo.iterations=abc", "bad value 'abc' for 'ppo.iterations'"),
+    ("ppo.no_such_knob=1", "no_such_knob"),
+    ("ppo.learning_rate=nan", "NaN and infinity are not allowed"),
+    ("iterations", "expected KEY=VALUE"),
+])
+def test_a_bad_set_is_an_error_before_anything_runs(tmp_path, capsys, setting, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_all.parse_args(["--sizes", "micro", "--set", setting, "--runs-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_values_are_read_as_toml_and_a_bare_word_as_text():
+    args = run_all.parse_args(["--sizes", "micro", "--set", "ppo.learning_rate=3e-4", "--set", "ppo.adaptive_kl=false",
+                               "--set", "ppo.collapse_action=flag", "--seed", "5"])
+    assert run_all.overrides_for(args) == {"ppo.learning_rate": 3e-4, "ppo.adaptive_kl": False,
+                                           "ppo.collapse_action": "flag", "seed": 5}
