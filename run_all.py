@@ -26,10 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 REPO = Path(__file__).resolve().parent
 NOTEBOOKS = {
@@ -247,7 +251,62 @@ def check_notebook_parameters(steps: list[dict], args: argparse.Namespace) -> No
             )
 
 
-def execute(step: dict, args: argparse.Namespace) -> float:
+LOG_FILE = "run_all.log"  # results/<size>/run_all.log: every run's console output and the notebooks' cell output
+
+
+class FinishedLines:
+    """A text sink that keeps only finished lines, each as it ended: a progress bar's in-place updates
+    ("\r...") collapse to the bar's last state, so a log holds what was said rather than every redraw."""
+
+    def __init__(self, sink: TextIO):
+        self.sink, self.partial = sink, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            self.sink.write(line.rsplit("\r", 1)[-1] + "\n")
+        self.sink.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+
+class Tee:
+    """Writes to the console and to a log."""
+
+    def __init__(self, console: TextIO, log: FinishedLines):
+        self.console, self.log = console, log
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+        self.log.flush()
+
+
+@contextmanager
+def console_log(path: Path, argv: list[str]) -> Iterator[FinishedLines]:
+    """Append what this step prints (and, through the returned sink, its notebook's cell output) to `path`."""
+    import shlex
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        log = FinishedLines(handle)
+        log.write(f"\n### {datetime.now(UTC).isoformat(timespec='seconds')}  python run_all.py {shlex.join(argv)}\n")
+        console, sys.stdout = sys.stdout, Tee(sys.stdout, log)
+        try:
+            yield log
+        finally:
+            sys.stdout = console
+            if log.partial:
+                log.write("\n")
+
+
+def execute(step: dict, args: argparse.Namespace, log: FinishedLines | None = None) -> float:
     import papermill
 
     output: Path = step["output"]
@@ -266,6 +325,8 @@ def execute(step: dict, args: argparse.Namespace) -> float:
         cwd=str(args.notebooks),
         progress_bar={"desc": f"{step['size']}/{step['stage']}", "unit": "cell"},
         request_save_on_cell_execute=True,
+        stdout_file=log,  # the cells' printed output goes to the run's log as it comes
+        stderr_file=log,
     )
     failed_marker.unlink()
     if not args.no_html:
@@ -307,11 +368,19 @@ def describe_failure(err: Exception, step: dict) -> str:
                 "Finished stages are kept; rerun the same command to resume from this stage.")
     cell = getattr(err, "exec_count", None) or getattr(err, "cell_index", None)
     ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
-    return (
-        f"\nFAILED: {step['size']}/{step['stage']} ({step['notebook']}), cell {cell}: {ename}: {evalue}\n"
-        f"The partial notebook is kept at {step['output']} (open it to see the traceback).\n"
-        "Finished stages are kept; rerun the same command to resume from this stage."
-    )
+    lines = [f"\nFAILED: {step['size']}/{step['stage']} ({step['notebook']}), cell {cell}: {ename}: {evalue}"]
+    source = getattr(err, "source", None)
+    if source:  # papermill's error carries the failing cell and the kernel's traceback
+        lines += ["", "The cell:", *("    " + line for line in source.splitlines())]
+    traceback = getattr(err, "traceback", None)
+    if traceback:
+        lines += ["", "Traceback:", *(ANSI_CODES.sub("", entry) for entry in traceback)]
+    lines += ["", f"The partial notebook, with every output up to the failure: {step['output']}",
+              "Finished stages are kept; rerun the same command to resume from this stage."]
+    return "\n".join(lines)
+
+
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the kernel colours its tracebacks
 
 
 def write_run_records(summary: list[tuple[dict, float, str]], argv: list[str]) -> list[Path]:
@@ -406,25 +475,31 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if step["skip"]:
             summary.append((step, 0.0, "skipped"))
             continue
-        print(f"==> {step['size']}/{step['stage']}: {step['notebook']}", flush=True)
-        try:
-            seconds = execute(step, args)
-        except KeyboardInterrupt:
-            print("\nInterrupted. Finished stages are kept; rerun the same command to resume.")
-            return 130
-        except Exception as err:  # noqa: BLE001 - report any notebook failure with its cell
-            print(describe_failure(err, step))
-            return 1
+        with console_log(Path(args.output) / step["size"] / LOG_FILE, argv) as log:
+            print(f"==> {step['size']}/{step['stage']}: {step['notebook']}", flush=True)
+            try:
+                seconds = execute(step, args, log)
+            except KeyboardInterrupt:
+                print("\nInterrupted. Finished stages are kept; rerun the same command to resume.")
+                return 130
+            except Exception as err:  # noqa: BLE001 - report any notebook failure with its cell
+                print(describe_failure(err, step))
+                print(f"This run's log: {Path(args.output) / step['size'] / LOG_FILE}")
+                return 1
         summary.append((step, seconds, "ran"))
         # Recorded as each notebook finishes, so a later failure loses nothing of what was rendered.
         write_run_records([(step, seconds, "ran")], argv)
     total = time.time() - started
-    print("\nSummary:")
+    report = ["", "Summary:"]
     for step, seconds, state in summary:
-        print(f"  {step['size']:>6}  {step['stage']:<9} {state:<8} {seconds / 60:6.1f} min  -> {step['output']}")
-    print(f"Total: {total / 60:.1f} min. Finished {datetime.now(UTC).isoformat(timespec='seconds')}.")
-    print(f"Rendered results: {args.output} (each size's run_record.json says what made them)")
+        report.append(f"  {step['size']:>6}  {step['stage']:<9} {state:<8} {seconds / 60:6.1f} min  -> {step['output']}")
+    report += [f"Total: {total / 60:.1f} min. Finished {datetime.now(UTC).isoformat(timespec='seconds')}.",
+               f"Rendered results: {args.output} (each size's run_record.json says what made them)"]
+    print("\n".join(report))
     sizes = run_sizes(args)
+    for size in sizes:
+        with (Path(args.output) / size / LOG_FILE).open("a", encoding="utf-8") as handle:
+            handle.write("\n".join(report) + "\n")
     write_findings_files(args, sizes)
     if len(sizes) > 1:
         write_cross_size(args, sizes)

@@ -26,6 +26,7 @@ def _write_notebooks(folder: Path, fail_stage: str | None, parameters: str = PAR
             "from rlhf_lib.pipeline import open_study, cached_stage\n"
             "study = open_study(preset, overrides_json, runs_dir, results_dir)\n"
             f"counter = Path(study.paths.root) / 'executions-{stage}.txt'\n"
+            f"print('the {stage} notebook ran')\n"
             "counter.parent.mkdir(parents=True, exist_ok=True)\n"
             "counter.write_text(str(int(counter.read_text()) + 1 if counter.exists() else 1))\n"
             f"with cached_stage(study.paths, '{stage}') as handle:\n"
@@ -52,7 +53,12 @@ def test_failure_names_cell_then_resume_skips_finished(tmp_path, capsys):
     assert run_all.main(common) == 1
     printed = capsys.readouterr().out
     assert "FAILED: micro/reward" in printed and "injected failure" in printed and "cell" in printed
+    assert "    raise RuntimeError('injected failure')" in printed and "Traceback:" in printed  # the cell, the trace
+    assert "\x1b[" not in printed and str(out / "micro" / "03_reward_model.ipynb") in printed
     assert (out / "micro" / "03_reward_model.ipynb").exists()  # partial output kept
+    log = (out / "micro" / "run_all.log").read_text()
+    assert "==> micro/data" in log and "the data notebook ran" in log and "the reward notebook ran" in log
+    assert "FAILED: micro/reward" in log and "    raise RuntimeError('injected failure')" in log
     micro_runs = runs / "micro"
     done_before = {s: (micro_runs.glob(f"{s}-*/DONE.json")) for s in ("data", "sft")}
     stamps = {s: next(g).stat().st_mtime for s, g in done_before.items()}
@@ -67,6 +73,8 @@ def test_failure_names_cell_then_resume_skips_finished(tmp_path, capsys):
     for stage in ("reward", "ppo", "analysis"):
         assert next(micro_runs.glob(f"{stage}-*/DONE.json")).exists()
 
+    log = (out / "micro" / "run_all.log").read_text()
+    assert log.count("the reward notebook ran") == 2 and "Summary:" in log  # runs append, nothing is lost
     # A second run with nothing changed executes nothing.
     assert run_all.main(common) == 0
     assert all(_executions(micro_runs, s) == (2 if s == "reward" else 1) for s in run_all.NOTEBOOKS)
@@ -239,3 +247,11 @@ def test_set_values_are_read_as_toml_and_a_bare_word_as_text():
                                "--set", "ppo.collapse_action=flag", "--seed", "5"])
     assert run_all.overrides_for(args) == {"ppo.learning_rate": 3e-4, "ppo.adaptive_kl": False,
                                            "ppo.collapse_action": "flag", "seed": 5}
+
+
+def test_the_log_keeps_a_progress_bars_last_state_not_every_redraw(tmp_path):
+    with (tmp_path / "log.txt").open("w") as handle:
+        log = run_all.FinishedLines(handle)
+        for chunk in ("start\n", "\r 10%|#", "\r 50%|#####", "\r100%|##########|\n", "done", "\n"):
+            log.write(chunk)
+    assert (tmp_path / "log.txt").read_text() == "start\n100%|##########|\ndone\n"
