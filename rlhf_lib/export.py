@@ -45,7 +45,8 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,9 @@ REWARD_DIR, REWARD_OWN_FORMAT_DIR, COMPARISONS_DIR = "reward_model", "reward_mod
 SCORE_OFFSET_KEY = "rlhf_score_offset"  # config.json: logits + offset = the study's score
 REWARD_INPUT_KEY = "rlhf_reward_input"  # config.json: how to build the text the RM scores
 # The extra coordinate's constant in a mid-block RM: C**2 must dwarf the squared norm of any hidden state
-# (its share of the final norm's variance is the relative error, ~|h|^2 / C^2) and stay finite in float32.
-NORM_NEUTRALISING_CONSTANT = 1e8
+# (its share of the final norm's variance is the relative error, ~|h|^2 / C^2; SmolLM2-135M's mid-depth states
+# reach |h| ~ 2.5e4) and C**2 / width must stay finite in float32 (and in bfloat16, which shares its range).
+NORM_NEUTRALISING_CONSTANT = 1e10
 HUB_SUFFIXES = {"sft": "-sft", "ppo": "-ppo", "ppo_ptx": "-ppo-ptx", REWARD_DIR: "-reward-model",
                 REWARD_OWN_FORMAT_DIR: "-reward-model", COMPARISONS_DIR: "-comparisons"}
 
@@ -388,6 +390,20 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No "Saving the dataset" bar per split (six of them say nothing useful)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def export_comparisons(reward_stage: Path, out_dir: Path) -> dict[str, dict[str, int]]:
     """Write configs `pairs` and `rankings` (save_to_disk under arrow/, JSONL under pairs/ and rankings/).
     Returns {config: {split: rows}}."""
@@ -402,7 +418,7 @@ def export_comparisons(reward_stage: Path, out_dir: Path) -> dict[str, dict[str,
               "rankings": {name: [{k: row.get(k) for k in COMPARISON_FEATURES} for row in rows]
                            for name, rows in splits.items()}}
     features = {"pairs": _pair_features(), "rankings": COMPARISON_FEATURES}
-    with models.atomic_directory(out_dir) as tmp:
+    with models.atomic_directory(out_dir) as tmp, _quiet_datasets():
         for config, by_split in tables.items():
             DatasetDict({split: Dataset.from_list(rows, features=features[config]) for split, rows in by_split.items()}
                         ).save_to_disk(str(tmp / "arrow" / config))
@@ -695,6 +711,8 @@ def export_study(paths: RunPaths, out: Path, results_dir: Path, progress=print) 
     if "reward" in ctx.records:
         progress(f"export: reward model <- {paths.stage('reward') / 'model'}")
         folder, summary = export_reward_model(paths.stage("reward") / "model", out)
+        other = REWARD_OWN_FORMAT_DIR if folder.name == REWARD_DIR else REWARD_DIR
+        shutil.rmtree(out / other, ignore_errors=True)  # an earlier export's other form would contradict this one
         _write_card(folder, reward_card(ctx, summary))
         report["exported"][folder.name] = str(folder)
         report["reward_model"] = summary
