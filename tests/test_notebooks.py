@@ -20,6 +20,9 @@ def test_all_notebooks_execute_at_micro(tmp_path, capsys):
         executed = nbformat.read(out / "micro" / name, as_version=4)
         errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
         assert not errors, f"{name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+        texts = [str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                 for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        assert not any("IProgress not found" in t for t in texts), f"{name}: progress bars fell back to text"
         assert (out / "micro" / name).with_suffix(".html").exists()
         done = json.loads(next((runs / "micro").glob(f"{stage}-*/DONE.json")).read_text())
         assert done["preset"] == "micro" and done["seed"] == 0
