@@ -5,6 +5,7 @@ and nothing touches the network unless --push-to-hub asks."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -328,6 +329,18 @@ def test_push_to_hub_only_with_the_flag_and_with_one_repo_per_artifact(monkeypat
     assert calls == [("sft", "me/study-sft", "model", True), ("ppo", "me/study-ppo", "model", True),
                      ("ppo_ptx", "me/study-ppo-ptx", "model", True), ("reward_model", "me/study-reward-model", "model", True),
                      ("comparisons", "me/study-comparisons", "dataset", True)]
+
+
+def test_unfinished_stages_are_skipped_and_said(study, tmp_path):
+    """Only data and SFT finished: the SFT policy is exported; PPO, the RM and the comparisons are skipped, saying why."""
+    paths = RunPaths.for_config(study.cfg, tmp_path / "runs" / "micro")
+    for stage in ("data", "sft"):
+        shutil.copytree(study.stage(stage), paths.stage(stage))
+    report = export.export_study(paths, tmp_path / "out", tmp_path / "no_results", progress=lambda _: None)
+    assert list(report["exported"]) == ["sft"]
+    assert set(report["skipped"]) == {"ppo", "ppo_ptx", "reward_model", "comparisons"}
+    assert "no finished ppo stage" in report["skipped"]["ppo"]
+    assert "Not available" in (tmp_path / "out" / "sft" / "README.md").read_text()  # no findings.json there
 
 
 def test_a_missing_sft_stage_is_a_clear_error(tmp_path, capsys):
