@@ -315,3 +315,106 @@ def test_an_interrupted_export_keeps_the_previous_metrics_whole(tmp_path, monkey
         export_results(stage, results)
     assert read_json(results / "metrics.json") == {"run": "previous"}
     assert [p.name for p in results.iterdir()] == ["metrics.json"], "a temporary copy was left behind"
+
+
+# --------------------------------------------------------------------------------------------
+# PPO killed with SIGKILL at random moments: the published stage is the uninterrupted one
+# --------------------------------------------------------------------------------------------
+
+TIMING_COLUMNS = ("time_s", "episodes_per_s")  # wall clock: the only things a resumed run may change
+
+
+def _ppo_stage_command(runs: Path) -> list[str]:
+    return [sys.executable, "-m", "rlhf_lib.stages", "ppo", "--preset", "micro", "--runs-dir", str(runs), "--no-progress"]
+
+
+def _start_ppo_stage(runs: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != HOLDER_ENV}  # its own lock, as a user's command takes it
+    return subprocess.Popen(_ppo_stage_command(runs), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _checkpoints(runs: Path) -> set[str]:
+    return {str(p.relative_to(runs)) for p in runs.glob("work-ppo-*/*/checkpoint-*")}
+
+
+def _kill_at(proc: subprocess.Popen, runs: Path, rng, seen: set[str]) -> str:
+    """SIGKILL `proc` at a random moment: after a random delay, or just after it saves a checkpoint not seen before
+    (so the resume path is taken whatever the machine's speed). Returns what happened, for the failure message."""
+    import signal
+
+    after_checkpoint = rng.random() < 0.6
+    delay = rng.uniform(0.0, 1.0) if after_checkpoint else rng.uniform(0.5, 15.0)
+    deadline = time.monotonic() + 120
+    while after_checkpoint and proc.poll() is None and time.monotonic() < deadline:
+        if _checkpoints(runs) - seen:
+            break
+        time.sleep(0.05)
+    time.sleep(delay)
+    seen |= _checkpoints(runs)
+    if proc.poll() is not None:
+        return f"finished before its kill (rc {proc.returncode})"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return f"killed {'after a checkpoint' if after_checkpoint else 'at a random time'} (+{delay:.2f} s)"
+
+
+def _published_ppo(stage: Path) -> dict[str, object]:
+    """What a published PPO stage holds, less wall-clock columns: weights, metrics, samples, validation."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    out: dict[str, object] = {}
+    for run in ("ppo", "ppo_ptx"):
+        for weights in sorted((stage / run).rglob("*.safetensors")):
+            out[str(weights.relative_to(stage))] = {k: v.tolist() for k, v in load_file(str(weights)).items()}
+        metrics = pd.read_csv(stage / run / "metrics.csv").drop(columns=list(TIMING_COLUMNS), errors="ignore")
+        out[f"{run}/metrics.csv"] = metrics.astype(object).where(metrics.notna(), None).to_dict(orient="list")  # NaN != NaN
+        for name in ("samples.jsonl", "validation.csv", "validation_state.json", "result.json"):
+            if (stage / run / name).exists():
+                out[f"{run}/{name}"] = (stage / run / name).read_text()
+    return out
+
+
+@pytest.mark.slow
+def test_ppo_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_does(tmp_path, bigbench_tasks):
+    """kill -9 `python -m rlhf_lib.stages ppo` a few times (seeded moments), rerun after each: the run completes,
+    leaves no partial or work folder, and publishes the same weights, metrics and samples as an uninterrupted run."""
+    import random
+    import shutil
+
+    import pandas as pd
+
+    from rlhf_lib.data.study import build_data_stage
+    from rlhf_lib.reward import run_reward_stage
+    from rlhf_lib.sft import run_sft_stage
+
+    cfg = load_preset("micro")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    paths = RunPaths.for_config(cfg, reference)
+    build_data_stage(cfg, paths)
+    run_sft_stage(cfg, paths, progress=False)
+    run_reward_stage(cfg, paths, progress=False)
+    killed.mkdir()
+    for stage in ("data", "sft", "reward"):
+        shutil.copytree(paths.stage(stage), killed / paths.stage(stage).name)
+    uninterrupted = subprocess.run(_ppo_stage_command(reference), cwd=REPO, capture_output=True, text=True,
+                                   env={k: v for k, v in os.environ.items() if k != HOLDER_ENV})
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    rng, seen, story = random.Random(20), set(), []
+    for _ in range(4):
+        story.append(_kill_at(_start_ppo_stage(killed), killed, rng, seen))
+    assert seen, f"no kill came after a checkpoint, so nothing was resumed: {story}"
+    final = subprocess.run(_ppo_stage_command(killed), cwd=REPO, capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != HOLDER_ENV})
+    assert final.returncode == 0, f"{story}\n{final.stderr[-3000:]}"
+
+    published = RunPaths.for_config(cfg, killed).stage("ppo")
+    assert read_done(published) is not None
+    assert not list(killed.glob(".*.partial-*")) and not list(killed.glob("work-ppo-*")), f"left behind: {story}"
+    expected, actual = _published_ppo(paths.stage("ppo")), _published_ppo(published)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert actual[name] == expected[name], f"{name} differs after {story}"
+    assert len(pd.read_csv(published / "ppo" / "metrics.csv")) == cfg.ppo.iterations
