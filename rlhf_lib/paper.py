@@ -131,3 +131,68 @@ BY_DESIGN: dict[str, str] = {
     "agreement_train": "the labelers' shared noise is calibrated until training labelers agree at the paper's 72.6%",
     "agreement_heldout": "held-out labelers share the noise scale calibrated on the training labelers' agreement",
 }
+
+
+# --------------------------------------------------------------------------------------------
+# How the paper trained: the settings notebooks 02-04 put beside this run's
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PaperSetting:
+    """One training setting as the paper (or, where `where` says so, later reproductions) states it."""
+
+    value: str
+    where: str
+
+
+# stage -> setting -> what the paper used. Values are text: several are ranges or depend on model size.
+SETTINGS: dict[str, dict[str, PaperSetting]] = {
+    "sft": {
+        "epochs": PaperSetting("16", "section 3.5, appendix C.1"),
+        "peak learning rate": PaperSetting("9.65e-6 at batch 32 (1.3B, 6B); 5.03e-6 at batch 8 (175B), all weights",
+                                           "appendix C.1"),
+        "learning-rate schedule": PaperSetting("cosine decay to 10%, no warm-up", "appendix C.1"),
+        "Adam betas": PaperSetting("(0.9, 0.95)", "appendix C.1"),
+        "residual dropout": PaperSetting("0.2", "appendix C.1"),
+        "checkpoint choice": PaperSetting("RM score on a validation set (validation loss overfits after one epoch)",
+                                          "section 3.5"),
+        "PPO initialisation": PaperSetting("SFT for 2 epochs with 10% pretraining data mixed in", "appendix C.3-C.4"),
+    },
+    "reward": {
+        "model": PaperSetting("one 6B RM for every policy size (175B RMs were unstable)", "section 3.5, appendix C.2"),
+        "initialisation": PaperSetting("the SFT model", "section 3.5"),
+        "epochs": PaperSetting("1 (more overfits)", "appendix C.2"),
+        "learning rate": PaperSetting("9e-6, cosine", "appendix C.2"),
+        "batch": PaperSetting("64 prompts, each with all C(K,2) pairs of its ranking", "section 3.5"),
+        "K completions ranked": PaperSetting("4 to 9", "section 3.5"),
+        "bias": PaperSetting("demonstrations score a mean of 0", "section 3.5"),
+    },
+    "ppo": {
+        "KL beta": PaperSetting("0.02 (fixed)", "appendix C.3-C.4"),
+        "discount gamma": PaperSetting("1", "appendix C.3-C.4"),
+        "GAE lambda": PaperSetting("0.95 (later reproductions; the paper does not give it)", "reproductions"),
+        "clip (policy / value)": PaperSetting("0.2 / 0.2 (the value clip from later reproductions)", "appendix C.3-C.4"),
+        "rollout temperature": PaperSetting("1", "appendix C.3-C.4"),
+        "episodes per iteration": PaperSetting("512", "appendix C.3-C.4"),
+        "minibatch": PaperSetting("64", "appendix C.3-C.4"),
+        "PPO epochs per batch": PaperSetting("1 (4 in later reproductions)", "appendix C.3-C.4"),
+        "episodes in all": PaperSetting("256k (~31k unique prompts, ~500 iterations)", "appendix C.3-C.4"),
+        "learning rate": PaperSetting("constant after a 10-iteration warm-up", "appendix C.3-C.4"),
+        "EMA of weights": PaperSetting("decay 0.992", "appendix C.3-C.4"),
+        "value initialisation": PaperSetting("the RM", "section 3.5"),
+        "PPO-ptx gamma": PaperSetting("27.8, with 8x as many pretraining examples as episodes",
+                                      "section 3.5, appendix C.3-C.4"),
+        "checkpoint choice": PaperSetting("not stated among the paper's PPO settings", "-"),
+    },
+}
+
+
+def settings_beside(stage: str, ours: dict[str, object]) -> list[tuple[str, str, object]]:
+    """(setting, the paper's value, this run's value) rows for a notebook table; `ours` maps a setting name of
+    SETTINGS[stage] to this run's value, and every name must be one the paper table has (a typo is an error)."""
+    paper_settings = SETTINGS[stage]
+    unknown = [name for name in ours if name not in paper_settings]
+    if unknown:
+        raise KeyError(f"Not a paper setting of {stage}: {unknown}. Known: {list(paper_settings)}")
+    return [(name, paper_settings[name].value, value) for name, value in ours.items()]

@@ -32,19 +32,22 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rlhf_lib import paper
 from rlhf_lib.config import PRESETS
 from rlhf_lib.data.schema import PAPER_CATEGORY_SHARE
 from rlhf_lib.evaluation.base import FLAG_KEYS, METHODS
 
 # --------------------------------------------------------------------------------------------
-# Paper numbers drawn as references (PAPER_FACTS.md, "Results")
+# Paper numbers drawn as references, from rlhf_lib.paper (where each is given), in the figures' units
 # --------------------------------------------------------------------------------------------
 
-PAPER_HALLUCINATION = {"InstructGPT (paper)": 0.21, "GPT-3 (paper)": 0.41}
-# Table 14, 175B few-shot SQuADv2 F1 (percent), by our method names.
-PAPER_SQUAD_F1 = {"GPT": 69.75, "PPO": 51.95, "PPO-ptx": 69.93}
-PAPER_RM_ACCURACY = {"train_labelers": 0.724, "heldout_labelers": 0.696}
-PAPER_TOXICITY_NOTE = "paper: ~25% fewer toxic outputs than GPT-3 with the respectful instruction"
+PAPER_HALLUCINATION = {"InstructGPT (paper)": paper.HALLUCINATION_INSTRUCT.value / 100,
+                       "GPT-3 (paper)": paper.HALLUCINATION_GPT.value / 100}
+PAPER_SQUAD_F1 = {method: claim.value for method, claim in paper.SQUAD_F1.items()}  # Table 14, by our method names
+PAPER_RM_ACCURACY = {"train_labelers": paper.RM_ACCURACY_TRAIN.value / 100,
+                     "heldout_labelers": paper.RM_ACCURACY_HELDOUT.value / 100}
+PAPER_TOXICITY_NOTE = (f"paper: {paper.TOXICITY_REDUCTION.text} toxic outputs than GPT-3 with the respectful "
+                       "instruction")
 
 # One colour per method in every figure (colour-blind safe), so PPO is always the same colour.
 _PALETTE = sns.color_palette("colorblind", 10)

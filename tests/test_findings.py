@@ -546,3 +546,13 @@ def test_a_win_rate_without_prompts_is_missing_not_crashing(tmp_path):
     validate_findings(record)
     assert record["missing"] == ["win_rate_ppo_ptx_vs_sft", "win_rate_ppo_ptx_vs_gpt", "win_rate_ppo_ptx_vs_gpt_prompted"]
     assert "win_rate_ppo_vs_sft" in record
+
+
+def test_paper_settings_tables_put_ours_beside_the_papers_and_catch_a_typo():
+    from rlhf_lib import paper
+
+    rows = paper.settings_beside("ppo", {"KL beta": 0.05, "minibatch": 4})
+    assert rows == [("KL beta", "0.02 (fixed)", 0.05), ("minibatch", "64", 4)]
+    with pytest.raises(KeyError, match="Not a paper setting of sft"):
+        paper.settings_beside("sft", {"epoch": 2})
+    assert all(setting.where for stage in paper.SETTINGS.values() for setting in stage.values())
