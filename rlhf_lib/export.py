@@ -55,6 +55,7 @@ import torch
 
 from rlhf_lib import models
 from rlhf_lib.artifacts import read_meta
+from rlhf_lib.io import read_json
 from rlhf_lib.pipeline import STAGES, RunPaths, default_runs_root, read_done
 from rlhf_lib.prompting import PLAIN_TEMPLATE, format_prompt, uses_chat_template
 
@@ -101,11 +102,10 @@ def study_context(paths: RunPaths, results_dir: Path) -> StudyContext:
         record = read_done(paths.stage(stage))
         if record is not None:
             records[stage], dirs[stage] = record, paths.stage(stage)
-    info_file = paths.stage("data") / "study" / "info.json"
-    findings_file = Path(results_dir) / "findings.json"
-    findings = json.loads(findings_file.read_text()) if findings_file.exists() else None
-    return StudyContext(paths.cfg.preset, paths.cfg.seed, records, dirs,
-                        json.loads(info_file.read_text()) if info_file.exists() else {},
+    # A torn file gives None with a warning (read_json): the cards then say "not available" instead of crashing.
+    info = read_json(paths.stage("data") / "study" / "info.json")
+    findings = read_json(Path(results_dir) / "findings.json")
+    return StudyContext(paths.cfg.preset, paths.cfg.seed, records, dirs, info if isinstance(info, dict) else {},
                         findings if isinstance(findings, dict) else None, paths.cfg.model.name)
 
 

@@ -165,6 +165,9 @@ def train_sft(
     setup = {"rows": len(train), "validation_rows": len(val) if val is not None else 0, "epochs": epochs,
              "batch_size": cfg.sft.batch_size, "grad_accum": grad_accum, "processes": processes}
     resume_from = resumable_checkpoint(checkpoint_root, setup)
+    if resume_from is not None and is_main_process():
+        print(f"[sft] resuming from {resume_from} (step {_checkpoint_step(resume_from)} of "
+              f"{steps_per_epoch * epochs}), left by an interrupted run")
     args = SFTConfig(
         output_dir=str(checkpoint_root),
         num_train_epochs=epochs,
