@@ -1,124 +1,42 @@
-"""Adapter artifacts on disk, and one frozen base that carries several LoRA roles (used by rlhf_lib.ppo).
-
-Two artifact formats connect the stages (SFT -> RM -> PPO -> evaluation); rlhf_lib.sft and
-rlhf_lib.reward write them, and PPO writes its outputs in the same formats:
-
-    <policy dir>/                    an SFT or PPO policy (rlhf_lib.sft.load_policy reads it)
-        adapter_config.json          peft `save_pretrained` of one LoRA adapter
-        adapter_model.safetensors
-        meta.json                    {"base_model": "<registry name or Hub id>", "finetune": "lora", ...}
-
-    <reward dir>/                    a reward model (rlhf_lib.reward.RewardModel.load reads it)
-        adapter/                     peft `save_pretrained` of its LoRA adapter
-        head.safetensors             models.ScalarHead.save
-        meta.json                    {"base_model": "<name>", "bias": <float>, "finetune": "lora", ...}
-
-RM score = head(hidden states of the RM's layer, pooled as its meta.json says: the last token's, or the mean
-over the response's tokens) - bias, exactly as rlhf_lib.reward computes it (`score_token_ids`).
+"""One frozen base that carries several LoRA roles (used by rlhf_lib.ppo.roles), and scoring on token ids.
 
 Several roles on ONE frozen base::
 
     peft_model = attach_adapter(base, sft_dir, "policy", trainable=True)
     attach_adapter(peft_model, sft_dir, "reference", trainable=False)
     with use_adapter(peft_model, "reference"): ...            # trainability restored on exit
+    score_token_ids(peft_model, head, input_ids, attention_mask, bias)   # the RM score, as RewardModel's
 
 peft's `set_adapter` (and `disable_adapter`) make the active adapter trainable and every other adapter
 frozen. With roles that must stay trainable while inactive (policy and value), that would silently stop
 their gradients or, worse, unfreeze the reference. `use_adapter` therefore re-applies the trainability
 recorded by `attach_adapter` after every switch.
+
+The directory formats (policy dir, reward dir) and their savers and loaders are in rlhf_lib.artifacts; the
+names below them are re-exported here for code written against this module.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from rlhf_lib import models
+from rlhf_lib.artifacts import (  # re-exported: their home before rlhf_lib.artifacts
+    META,
+    RM_ADAPTER,
+    RM_HEAD,
+    is_reward_dir,
+    read_meta,
+    save_policy_dir,
+    save_reward_dir,
+)
 
-META = "meta.json"  # the same names as rlhf_lib.sft / rlhf_lib.reward
-RM_ADAPTER = "adapter"
-RM_HEAD = "head.safetensors"
 TRAINABLE_ATTR = "_rlhf_trainable_adapters"  # set on the PeftModel: names of adapters that train
-
-
-# --------------------------------------------------------------------------------------------
-# Metadata and saving
-# --------------------------------------------------------------------------------------------
-
-
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """meta.json of a policy or reward directory, with a clear error when it is not one."""
-    path = Path(directory) / META
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} has no {META}: not a policy/reward directory written by rlhf_lib.")
-    meta = json.loads(path.read_text())
-    if "base_model" not in meta:
-        raise ValueError(f"{path} lacks 'base_model'.")
-    return meta
-
-
-def is_reward_dir(directory: str | Path) -> bool:
-    directory = Path(directory)
-    return (directory / RM_ADAPTER).is_dir() and (directory / RM_HEAD).exists()
-
-
-@contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """Write into a temporary sibling, then swap it into place (a reader never sees half a directory)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield tmp
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save_one_adapter(peft_model, adapter_name: str, out_dir: Path) -> None:
-    """peft writes a non-default adapter into a sub-folder named after it; flatten that."""
-    peft_model.save_pretrained(str(out_dir), selected_adapters=[adapter_name])
-    nested = out_dir / adapter_name
-    if adapter_name != "default" and nested.is_dir():
-        for item in nested.iterdir():
-            os.replace(item, out_dir / item.name)
-        nested.rmdir()
-
-
-def save_policy_dir(peft_model, adapter_name: str, out_dir: str | Path, base_model: str, **meta: Any) -> Path:
-    """Save one adapter of `peft_model` as a policy directory (peft files + meta.json), atomically."""
-    out_dir = Path(out_dir)
-    with _atomic_dir(out_dir) as tmp:
-        _save_one_adapter(peft_model, adapter_name, tmp)
-        (tmp / META).write_text(json.dumps({"base_model": base_model, "finetune": "lora", **meta}, indent=1))
-    return out_dir
-
-
-def save_reward_dir(
-    peft_model, adapter_name: str, head: models.ScalarHead, out_dir: str | Path, base_model: str, bias: float, **meta: Any
-) -> Path:
-    """Save an adapter + scalar head as a reward (or value) directory, atomically."""
-    out_dir = Path(out_dir)
-    with _atomic_dir(out_dir) as tmp:
-        (tmp / RM_ADAPTER).mkdir()
-        _save_one_adapter(peft_model, adapter_name, tmp / RM_ADAPTER)
-        head.save(tmp / RM_HEAD)
-        meta = {"base_model": base_model, "bias": float(bias), "finetune": "lora", **meta}
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-    return out_dir
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,3 +142,9 @@ def score_token_ids(
         response_mask[:, -response_len:] = 1
     pooled = models.pool_states(hidden, attention_mask, response_mask, pooling)
     return head(pooled.to(head.linear.weight.dtype)) - bias
+
+
+__all__ = [
+    "META", "RM_ADAPTER", "RM_HEAD", "TRAINABLE_ATTR", "apply_trainability", "attach_adapter", "freeze_dropout",
+    "is_reward_dir", "read_meta", "save_policy_dir", "save_reward_dir", "score_token_ids", "use_adapter",
+]

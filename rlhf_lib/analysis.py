@@ -145,7 +145,7 @@ class PolicyBank:
     """
 
     def __init__(self, cfg: StudyConfig, sft_dir: Path):
-        from rlhf_lib.sft import load_policy
+        from rlhf_lib.artifacts import load_policy
 
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(sft_dir)
@@ -173,7 +173,7 @@ class PolicyBank:
 
     @contextlib.contextmanager
     def use(self, method: str) -> Iterator[Any]:
-        from rlhf_lib.sft import base_weights, load_policy
+        from rlhf_lib.artifacts import base_weights, load_policy
 
         if method in ("GPT", "GPT prompted"):
             self._activate("default")
@@ -525,7 +525,7 @@ def _run(cfg: StudyConfig, paths: RunPaths, out: Path, upstream: dict, progress:
     tables: dict[str, pd.DataFrame] = {}
     # ---- best-of-n: score the SFT samples with the RM (loaded only now, after the policies are freed).
     if found.reward_dir is not None and best_candidates:
-        from rlhf_lib.reward import RewardModel
+        from rlhf_lib.artifacts import RewardModel
 
         with clock.step("best-of-n: RM scoring"):
             rm = RewardModel.load(found.reward_dir / "model")

@@ -68,7 +68,7 @@ def sample_k_completions(
         saved = json.loads(Path(cache_file).read_text())
         if saved.get("prompt_ids") == prompt_ids and "ended" in saved:
             return SampledCompletions(**saved)
-    from rlhf_lib.sft import base_weights, load_policy
+    from rlhf_lib.artifacts import base_weights, load_policy
 
     plans = plan_sources(cfg, len(prompt_rows), cfg.seed)
     model, tokenizer = load_policy(sft_adapter_dir)

@@ -17,7 +17,7 @@ fine-tune SFT, a fresh LoRA is trained on top and the reference is the SFT model
 TRL defaults to bf16, about 10x slower here, so precision is set explicitly from the device.
 
     from rlhf_lib.dpo import preference_pairs, train_dpo
-    from rlhf_lib.sft import load_policy
+    from rlhf_lib.artifacts import load_policy
     rows = pd.read_json(reward_dir / "comparisons_train.jsonl", lines=True).to_dict("records")
     pairs = preference_pairs(rows, per_prompt=cfg.evaluation.dpo_pairs_per_prompt)
     result = train_dpo(cfg, sft_dir / "policy", pairs, out_dir)     # result.policy_dir
@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 from datasets import Dataset
 
-from rlhf_lib.adapters import save_policy_dir
+from rlhf_lib.artifacts import save_policy_dir
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.prompting import bos_prefix, format_prompt
 from rlhf_lib.reward import ranked_pairs
@@ -104,7 +104,7 @@ def dpo_dataset(tokenizer, pairs: Sequence[Mapping[str, Any]]) -> Dataset:
 
 def _policy_and_reference(cfg: StudyConfig, sft_dir: Path):
     """(model, tokenizer, peft_config or None, base name for meta.json) for DPO from an SFT product."""
-    from rlhf_lib.sft import load_policy
+    from rlhf_lib.artifacts import load_policy
 
     meta = json.loads((sft_dir / "meta.json").read_text())
     model, tokenizer = load_policy(sft_dir, trainable=True)

@@ -44,12 +44,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlhf_lib import models
+from rlhf_lib.artifacts import META, RewardModel, load_policy  # RewardModel re-exported: its old path
 from rlhf_lib.config import StudyConfig
-from rlhf_lib.prompting import format_prompt
-
-META = "meta.json"
-HEAD = "head.safetensors"
-
 
 # --------------------------------------------------------------------------------------------
 # The loss
@@ -80,154 +76,10 @@ def kwise_loss(scores: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RewardModel:
-    """A causal LM body + scalar head that scores (prompt, response) text; frozen after training.
-
-    The head reads the hidden states of block `layer` (an index into `hidden_states`; -1 = the last), pooled
-    over the text (`pooling`): the final token's state ("last", the usual RM), or the mean over the response's
-    tokens ("mean_response"). `layer` and `pooling` are saved in meta.json; PPO reads them to score and to
-    start its value function the same way.
-    """
-
-    model: torch.nn.Module
-    head: models.ScalarHead
-    tokenizer: object
-    base_name: str
-    bias: float = 0.0
-    max_tokens: int = 320
-    layer: int = -1
-    pooling: str = "last"
-
-    def encode(
-        self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Token ids of prompt + response (+ EOS where the response ended with one), left-padded, and a
-        `response_mask` that is 1 on the response's tokens (EOS included)."""
-        ended = [True] * len(prompts) if ended is None else list(ended)
-        eos = self.tokenizer.eos_token or ""
-        queries = [format_prompt(self.tokenizer, p) for p in prompts]
-        texts = [q + r.strip() + (eos if done else "") for q, r, done in zip(queries, responses, ended, strict=True)]
-        self.tokenizer.padding_side = "left"
-        # Truncate from the left so the final token, where the score is read, always survives.
-        self.tokenizer.truncation_side = "left"
-        batch = self.tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_tokens, add_special_tokens=False
-        )
-        query_lengths = [len(ids) for ids in self.tokenizer(queries, add_special_tokens=False)["input_ids"]]
-        full_lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        width = batch["input_ids"].shape[1]
-        response_mask = torch.zeros_like(batch["attention_mask"])
-        for row, (q, f) in enumerate(zip(query_lengths, full_lengths, strict=True)):
-            n_response = min(max(f - q, 0), width)
-            if n_response:
-                response_mask[row, width - n_response :] = 1
-        batch["response_mask"] = response_mask
-        device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}
-
-    def pooled_states(
-        self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None,
-        layers: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """[len(layers), B, H] pooled hidden states of each layer (default: this RM's): what the head reads."""
-        batch = self.encode(prompts, responses, ended)
-        mask = batch["attention_mask"]
-        states = models.hidden_states(self.model, batch["input_ids"], mask)
-        layers = [self.layer] if layers is None else list(layers)
-        pooled = [models.pool_states(states[i], mask, batch["response_mask"], self.pooling) for i in layers]
-        return torch.stack(pooled).to(self.head.linear.weight.dtype)
-
-    def raw_scores(self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None) -> torch.Tensor:
-        """Head output on the pooled states, before the normalisation bias (differentiable)."""
-        return self.head(self.pooled_states(prompts, responses, ended)[0])
-
-    @torch.no_grad()
-    def features(
-        self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None,
-        batch_size: int = 8, progress: bool = False, desc: str = "RM features", layers: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """`pooled_states` of many texts, batched by length (no gradients): [N, H] for this RM's layer, or
-        [len(layers), N, H] when `layers` is given. scores = head(features) - bias."""
-        ended = [True] * len(prompts) if ended is None else list(ended)
-        n_layers = 1 if layers is None else len(layers)
-        if not prompts:
-            empty = torch.empty(n_layers, 0, models.hidden_size_of(self.model))
-            return empty[0] if layers is None else empty
-        was_training = self.model.training
-        self.model.eval()
-        # Batches of similar length pad little (a few long HHH dialogues would otherwise pad whole batches).
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        out = [
-            self.pooled_states([prompts[j] for j in chunk], [responses[j] for j in chunk], [ended[j] for j in chunk],
-                               layers).float().cpu()
-            for chunk in tqdm(chunks, desc=desc, disable=not progress, unit="batch")
-        ]
-        self.model.train(was_training)
-        features = torch.empty(n_layers, len(prompts), out[0].shape[2])
-        features[:, torch.tensor(order)] = torch.cat(out, dim=1)
-        return features[0] if layers is None else features
-
-    @torch.no_grad()
-    def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Normalised reward from cached `features` (the same numbers as `score_texts`)."""
-        return self.head(features.to(self.head.linear.weight)).float().cpu() - self.bias
-
-    @torch.no_grad()
-    def score_texts(
-        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8, ended: Sequence[bool] | None = None
-    ) -> torch.Tensor:
-        """Normalised reward of each (prompt, response): demonstrations average 0. `ended`: default all True."""
-        if not prompts:
-            return torch.empty(0)
-        return self.score_features(self.features(prompts, responses, ended, batch_size=batch_size))
-
-    def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if hasattr(self.model, "peft_config"):
-            self.model.save_pretrained(directory / "adapter")
-            finetune = "lora"
-        else:
-            self.model.save_pretrained(directory / "full", safe_serialization=True)
-            self.tokenizer.save_pretrained(directory / "full")
-            finetune = "full"
-        self.head.save(directory / HEAD)
-        meta = {"base_model": self.base_name, "bias": self.bias, "finetune": finetune, "max_tokens": self.max_tokens,
-                "layer": self.layer, "pooling": self.pooling, "quantize_4bit": models.is_quantized(self.model)}
-        (directory / META).write_text(json.dumps(meta, indent=1))
-
-    @classmethod
-    def load(cls, directory: Path | str, device: str = "auto", quantize_4bit: bool | None = None) -> RewardModel:
-        """The saved RM, frozen. `quantize_4bit`: None loads the base as it was trained (4-bit or not, from
-        meta.json); True/False overrides that."""
-        from peft import PeftModel
-
-        directory = Path(directory)
-        meta = json.loads((directory / META).read_text())
-        tokenizer = models.load_tokenizer(meta["base_model"])
-        if quantize_4bit is None:
-            quantize_4bit = bool(meta.get("quantize_4bit", False))
-        if meta["finetune"] == "lora":
-            base = models.load_causal_lm(meta["base_model"], device=device, quantize_4bit=quantize_4bit)
-            model = PeftModel.from_pretrained(base, str(directory / "adapter"), adapter_name="reward")
-        else:
-            model = models.load_causal_lm(str(directory / "full"), device=device)
-        model.requires_grad_(False)
-        model.eval()
-        head = models.ScalarHead.load(directory / HEAD, device=next(model.parameters()).device)
-        head.requires_grad_(False)
-        return cls(model, head, tokenizer, meta["base_model"], meta["bias"], meta.get("max_tokens", 320),
-                   meta.get("layer", -1), meta.get("pooling", "last"))
-
-
 def new_reward_model(cfg: StudyConfig, init_dir: Path | str | None = None, trainable: bool = True) -> RewardModel:
     """An untrained RM, dropout off: the SFT policy in `init_dir` (the paper) or the preset's base with a fresh
     LoRA, plus a fresh scalar head. `trainable=False` freezes the body (the cached-head path trains the head only)."""
     if init_dir is not None:
-        from rlhf_lib.sft import load_policy
-
         body, tokenizer = load_policy(init_dir, trainable=trainable)
         name = json.loads((Path(init_dir) / META).read_text())["base_model"]
     else:

@@ -31,7 +31,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from datasets import Dataset
 
 from rlhf_lib import models
+from rlhf_lib.artifacts import RewardModel, base_weights, load_policy  # load_policy, base_weights: old path
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.io import atomic_write_text, read_json
 from rlhf_lib.pipeline import is_main_process, wait_for_all_processes
@@ -320,7 +320,6 @@ def checkpoint_rewards(
     Returns one row per checkpoint: checkpoint, step, epoch, mean_reward, prompts.
     """
     from rlhf_lib.generation import sample_texts
-    from rlhf_lib.reward import RewardModel
 
     checkpoints = _trainer_checkpoints(checkpoint_root)
     if not checkpoints:
@@ -359,32 +358,6 @@ def _export_checkpoint(checkpoint: Path, target: Path, cfg: StudyConfig) -> None
     for item in checkpoint.iterdir():
         if item.name in keep or item.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy2(item, target / item.name)
-
-
-def load_policy(adapter_dir: Path | str, adapter_name: str = "default", trainable: bool = False):
-    """(model, tokenizer) for an SFT product: the base named in meta.json plus the saved adapter."""
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    meta = json.loads((adapter_dir / META).read_text())
-    tokenizer = models.load_tokenizer(meta["base_model"])
-    if meta.get("finetune", "lora") == "full":
-        model = models.load_causal_lm(str(adapter_dir))
-        model.requires_grad_(trainable)
-        return model, tokenizer
-    base = models.load_causal_lm(meta["base_model"], quantize_4bit=meta.get("quantize_4bit", False))
-    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
-    return model, tokenizer
-
-
-@contextmanager
-def base_weights(model, cfg: StudyConfig):
-    """The pretrained base: the same weights with the adapter switched off, or a fresh load after full SFT."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
-        yield models.load_from_preset(cfg)
 
 
 def loss_curves(history: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """PPO: the math on hand-computed toys, the roles on one base, and whole runs on the micro model.
 
 The SFT and RM directories are built here from the micro model (random LoRA + ScalarHead), in the
-formats rlhf_lib.adapters documents, so these tests do not depend on the SFT/RM training code.
+formats rlhf_lib.artifacts documents, so these tests do not depend on the SFT/RM training code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from rlhf_lib import models
-from rlhf_lib.adapters import save_policy_dir, save_reward_dir, score_token_ids
+from rlhf_lib.adapters import score_token_ids
+from rlhf_lib.artifacts import save_policy_dir, save_reward_dir
 from rlhf_lib.config import load_preset
 from rlhf_lib.generation import generate
 from rlhf_lib.ppo import (

@@ -19,6 +19,9 @@ columns, ready for `rlhf_lib.plots` and for saving as CSV. `ALL_METRICS` lists e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from rlhf_lib.evaluation import (
     alignment_tax,
     generalization,
@@ -37,7 +40,6 @@ from rlhf_lib.evaluation.base import (
     MetricResult,
     bootstrap_ci,
     summarize,
-    summary_rows,
 )
 
 ALL_METRICS: dict[str, Metric] = {
@@ -49,6 +51,21 @@ ALL_METRICS: dict[str, Metric] = {
     **overoptimization.METRICS,
     **generalization.METRICS,
 }
+
+
+# Here, not in base, because it reads ALL_METRICS: base importing this package back would be a cycle.
+def summary_rows(summary: Mapping[str, MetricResult], **keys: Any) -> list[dict[str, Any]]:
+    """Tidy rows from a {metric name: MetricResult} summary (e.g. truthfulqa_mc's), plus grouping keys.
+
+    Collect rows for several methods, then `pandas.DataFrame(rows)` feeds `rlhf_lib.plots`.
+    """
+    rows = []
+    for name, result in summary.items():
+        metric = ALL_METRICS.get(name)
+        higher = metric.higher_is_better if metric is not None else None
+        rows.append({**keys, "metric": name, "higher_is_better": higher, **result.to_dict()})
+    return rows
+
 
 __all__ = [
     "ALL_METRICS",

@@ -256,18 +256,3 @@ def group_summary(
         rows.append(result_row(metric, result, **dict(zip(by, keys, strict=True))))
     columns = [*by, "metric", "higher_is_better", "value", "ci_low", "ci_high", "n"]
     return sort_frame(pd.DataFrame(rows, columns=columns))
-
-
-def summary_rows(summary: Mapping[str, MetricResult], **keys: Any) -> list[dict[str, Any]]:
-    """Tidy rows from a {metric name: MetricResult} summary (e.g. truthfulqa_mc's), plus grouping keys.
-
-    Collect rows for several methods, then `pandas.DataFrame(rows)` feeds `rlhf_lib.plots`.
-    """
-    from rlhf_lib.evaluation import ALL_METRICS
-
-    rows = []
-    for name, result in summary.items():
-        metric = ALL_METRICS.get(name)
-        higher = metric.higher_is_better if metric is not None else None
-        rows.append({**keys, "metric": name, "higher_is_better": higher, **result.to_dict()})
-    return rows

@@ -26,16 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_lib import models
-from rlhf_lib.adapters import (
-    RM_ADAPTER,
-    RM_HEAD,
-    apply_trainability,
-    attach_adapter,
-    freeze_dropout,
-    read_meta,
-    score_token_ids,
-    use_adapter,
-)
+from rlhf_lib.adapters import apply_trainability, attach_adapter, freeze_dropout, score_token_ids, use_adapter
+from rlhf_lib.artifacts import RM_ADAPTER, RM_HEAD, RewardModel, read_meta
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.ppo.core import logprobs_and_entropy, masked_mean
 
@@ -248,8 +240,6 @@ def build_roles(
         value_head = models.ScalarHead(models.hidden_size_of(model)).to(model_device)
         nn.init.zeros_(value_head.linear.weight)
         if need_reward and reward_dir:
-            from rlhf_lib.reward import RewardModel
-
             reward_model = RewardModel.load(reward_dir, device=device_name, quantize_4bit=cfg.model.quantize_4bit)
             batch_size = cfg.generation.batch_size
 

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from rlhf_lib import models
-from rlhf_lib.adapters import read_meta, save_policy_dir, save_reward_dir
+from rlhf_lib.artifacts import read_meta, save_policy_dir, save_reward_dir
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.ppo.checkpoint import (
     CHECKPOINT_PREFIX,
