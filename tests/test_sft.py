@@ -180,13 +180,14 @@ def _interrupted_then_resumed(tmp_path, cfg, stop_at: int, tear=None):
     return result, first_step.started_at
 
 
-def test_interrupted_sft_resumes_from_its_last_checkpoint(tmp_path):
+def test_interrupted_sft_resumes_from_its_last_checkpoint(tmp_path, capsys):
     # Dropout on, so the resumed run only matches if the Trainer's RNG state is restored as well.
     cfg = _cfg(**{"sft.epochs": 4, "sft.residual_dropout": 0.1})
     whole = train_sft(cfg, PAIRS, PAIRS[2:], tmp_path / "whole", progress=False, checkpoint_dir=tmp_path / "whole_ckpt")
     # One optimizer step per epoch here (4 rows, batch 4): stopping at the end of step 3 leaves checkpoint-2.
     resumed, started_at = _interrupted_then_resumed(tmp_path, cfg, stop_at=3)
     assert started_at == 2, "training did not continue from the newest checkpoint"
+    assert "checkpoint-2 (step 2 of 4), left by an interrupted run" in capsys.readouterr().out  # the user is told
     assert resumed.log_history["step"].max() == whole.log_history["step"].max() == 4
     # The log of the resumed run carries the steps before the interruption too.
     assert resumed.log_history.dropna(subset=["loss"])["step"].tolist() == [1, 2, 3, 4]
