@@ -247,6 +247,23 @@ def test_policies_load_as_plain_causal_lms_with_our_logits(study, exported, name
     assert not torch.allclose(plain(**ids).logits, base, atol=1e-3)  # the adapter did change something
 
 
+def test_a_fully_fine_tuned_policy_is_saved_as_is(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    full = models.load_causal_lm("micro", device="cpu")
+    with torch.no_grad():
+        full.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # a "fine-tuned" full model, unlike the base
+    full.save_pretrained(tmp_path / "policy")
+    models.load_tokenizer("micro").save_pretrained(tmp_path / "policy")  # as the study saves a full fine-tune
+    (tmp_path / "policy" / "meta.json").write_text(json.dumps({"base_model": "micro", "finetune": "full"}))
+    export.export_policy(tmp_path / "policy", tmp_path / "out")
+    ids = torch.tensor([[1, 5, 9, 200, 31]])
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits,
+                                   full(ids).logits, atol=1e-5, rtol=0)
+
+
 def test_the_command_exports_the_rm_and_records_what_it_did(exported, study):
     report = json.loads((exported / "export.json").read_text())
     assert set(report["exported"]) == {"sft", "ppo", "ppo_ptx", export.REWARD_DIR, export.COMPARISONS_DIR}
