@@ -195,7 +195,10 @@ def train_sft(
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - started
 
-    history = pd.DataFrame(trainer.state.log_history)
+    history = pd.DataFrame(trainer.state.log_history)  # a resumed run's includes the steps before the interruption
+    if resume_from is not None and {"train_loss", "loss"} <= set(history):
+        # The Trainer's closing train_loss averages only this call's steps; make it the whole run's, as uninterrupted.
+        history.loc[history["train_loss"].notna(), "train_loss"] = history["loss"].dropna().mean()
     final = out_dir / "adapter"
     chosen_epoch = float("nan")
     if is_main_process():  # the Trainer saved checkpoints from the main process only
