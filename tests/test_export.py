@@ -14,10 +14,10 @@ import torch
 from test_reward import _toy_comparisons
 
 from rlhf_lib import export, models
-from rlhf_lib.adapters import save_policy_dir
+from rlhf_lib.artifacts import RewardModel, load_policy, save_policy_dir
 from rlhf_lib.config import load_preset
 from rlhf_lib.pipeline import DONE, RunPaths
-from rlhf_lib.reward import RewardModel, new_reward_model, ranked_pairs
+from rlhf_lib.reward import new_reward_model, ranked_pairs
 
 PROMPTS = ["Name a colour.", "Write one long sentence about rivers, the sea and the town by the harbour.", "Why?", "Hi"]
 ANSWERS = ["Red.", "The river runs past the market to the harbour and out to the grey sea.", "Because.", ""]
@@ -231,8 +231,6 @@ def exported(study, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name,relative", [("sft", "sft/policy"), ("ppo", "ppo/ppo/policy"), ("ppo_ptx", "ppo/ppo_ptx/policy")])
 def test_policies_load_as_plain_causal_lms_with_our_logits(study, exported, name, relative):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf_lib.sft import load_policy
 
     stage, _, rest = relative.partition("/")
     ours, _ = load_policy(study.stage(stage) / rest)
