@@ -35,16 +35,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+# The stage table (rlhf_lib.pipeline.STAGE_TABLE): pipeline imports no torch, so this script still starts at once.
+from rlhf_lib.pipeline import DISTRIBUTED_STAGES, NOTEBOOKS
+
 REPO = Path(__file__).resolve().parent
-NOTEBOOKS = {
-    "data": "01_data.ipynb",
-    "sft": "02_sft.ipynb",
-    "reward": "03_reward_model.ipynb",
-    "ppo": "04_ppo.ipynb",
-    "analysis": "05_analysis.ipynb",
-}
 DEFAULT_SIZE = "tiny"
-DISTRIBUTED_STAGES = ("sft", "ppo")  # rlhf_lib.stages.DISTRIBUTED_STAGES, without importing torch here
 # Rough minutes per stage on a 2-core CPU, used only for the plan's estimate until a run has been timed.
 ROUGH_MINUTES = {
     "micro": {"data": 1, "sft": 0.5, "reward": 1, "ppo": 1, "analysis": 2},

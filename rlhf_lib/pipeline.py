@@ -1,4 +1,5 @@
-"""Stage directories and caching: each stage's artifacts live under a key of the settings they depend on.
+"""The stages of the study and their cached directories: each stage's artifacts live under a key of the
+settings they depend on. `STAGE_TABLE` lists the stages in order (name, notebook, runner, distributed or not).
 
     runs/<preset>/<stage>-<fingerprint>/      e.g. runs/tiny/sft-4fc7688af505/
         ...artifacts...                        written into a temporary sibling, then renamed
@@ -34,10 +35,42 @@ from pathlib import Path
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.io import atomic_write_text, read_json
 
-STAGES = ("data", "sft", "reward", "ppo", "analysis")
 DONE = "DONE.json"
 OWNER = ".owner.json"  # inside a partial directory: the process building it (removed before publishing)
 ORPHAN_AGE_S = 600  # a partial directory without an owner record (older code, or a crash before the record) this old
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the study: the notebook that shows it, the function that builds it, and whether that
+    function can train across several processes (`torchrun` / `accelerate launch`, rlhf_lib.stages)."""
+
+    name: str
+    notebook: str  # in notebooks/; run_all renders it into results/<size>/
+    runner: str  # "module:function", called as function(cfg, paths, progress); imported only when it runs
+    distributed: bool = False
+
+
+# The one list of stages, in order; run_all.py, rlhf_lib.stages and the tests read it. Runners are dotted
+# strings so that importing this table (run_all.py does, before anything heavy) imports no torch.
+STAGE_TABLE = (
+    Stage("data", "01_data.ipynb", "rlhf_lib.data.study:run_data_stage"),
+    Stage("sft", "02_sft.ipynb", "rlhf_lib.sft:run_sft_stage", distributed=True),
+    Stage("reward", "03_reward_model.ipynb", "rlhf_lib.reward:run_reward_stage"),
+    Stage("ppo", "04_ppo.ipynb", "rlhf_lib.ppo:run_ppo_stage", distributed=True),
+    Stage("analysis", "05_analysis.ipynb", "rlhf_lib.analysis:run_analysis_stage"),
+)
+STAGES = tuple(stage.name for stage in STAGE_TABLE)
+NOTEBOOKS = {stage.name: stage.notebook for stage in STAGE_TABLE}
+DISTRIBUTED_STAGES = tuple(stage.name for stage in STAGE_TABLE if stage.distributed)
+
+
+def stage_entry(name: str) -> Stage:
+    """The table's row of stage `name`."""
+    for stage in STAGE_TABLE:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"Unknown stage '{name}'; stages are {STAGES}.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ samples. The other stages are single-process; launched on several processes they
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -30,34 +31,20 @@ from pathlib import Path
 
 from rlhf_lib.config import StudyConfig, load_preset
 from rlhf_lib.locking import LockBusy, hold_lock
-from rlhf_lib.pipeline import STAGES, RunPaths, is_main_process, wait_for_all_processes
-
-DISTRIBUTED_STAGES = ("sft", "ppo")
+from rlhf_lib.pipeline import (
+    DISTRIBUTED_STAGES,
+    STAGES,
+    RunPaths,
+    is_main_process,
+    stage_entry,
+    wait_for_all_processes,
+)
 
 
 def stage_runner(stage: str) -> Callable[[StudyConfig, RunPaths, bool], object]:
-    """The function that builds one stage's cached directory (what its notebook calls)."""
-    if stage == "data":
-        from rlhf_lib.data.study import build_data_stage
-
-        return lambda cfg, paths, progress: build_data_stage(cfg, paths)
-    if stage == "sft":
-        from rlhf_lib.sft import run_sft_stage
-
-        return run_sft_stage
-    if stage == "reward":
-        from rlhf_lib.reward import run_reward_stage
-
-        return run_reward_stage
-    if stage == "ppo":
-        from rlhf_lib.ppo import run_ppo_stage
-
-        return run_ppo_stage
-    if stage == "analysis":
-        from rlhf_lib.analysis import run_analysis_stage
-
-        return run_analysis_stage
-    raise KeyError(f"Unknown stage '{stage}'; stages are {STAGES}.")
+    """The function that builds one stage's cached directory (what its notebook calls), from the stage table."""
+    module, _, function = stage_entry(stage).runner.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def stage_command(stage: str, preset: str, runs_dir: str, overrides: dict, launcher: list[str]) -> list[str]:

@@ -478,10 +478,17 @@ def build_data_stage(cfg: StudyConfig, paths: RunPaths, builder: Callable[[Study
     return StudyData.load(paths.stage("data") / "study")
 
 
+def run_data_stage(cfg: StudyConfig, paths: RunPaths, progress: bool = True) -> Path:
+    """The data stage called as every stage's runner is (rlhf_lib.pipeline.STAGE_TABLE); it draws no progress bars."""
+    build_data_stage(cfg, paths)
+    return paths.stage("data")
+
+
 __all__ = [
     "StudyData",
     "build_data_stage",
     "build_study_data",
     "category_mix_table",
     "plot_lengths",
+    "run_data_stage",
 ]
