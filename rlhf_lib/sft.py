@@ -192,6 +192,8 @@ def train_sft(
     started = time.time()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
                          callbacks=[completion_marking_callback(setup), *callbacks])
+    if resume_from is not None:
+        _continue_token_count(trainer, resume_from)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - started
 
@@ -221,6 +223,18 @@ def train_sft(
             shutil.rmtree(checkpoint_root, ignore_errors=True)
     wait_for_all_processes()
     return SFTResult(final, history, chosen_epoch, seconds)
+
+
+def _continue_token_count(trainer, checkpoint: Path) -> None:
+    """Start TRL's running count of training tokens (logged as num_tokens) where the checkpoint's log left it.
+
+    TRL keeps the count on the trainer, outside the state a checkpoint restores, so a resumed run would log it
+    from 0 again. A TRL without the counter (it is private) is left as it is: only that logged column differs.
+    """
+    state = read_json(checkpoint / "trainer_state.json", quiet=True) or {}
+    counts = [row["num_tokens"] for row in state.get("log_history", []) if "num_tokens" in row and "loss" in row]
+    if counts and hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = counts[-1]
 
 
 def _checkpoint_step(path: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -324,21 +325,35 @@ def test_an_interrupted_export_keeps_the_previous_metrics_whole(tmp_path, monkey
 TIMING_COLUMNS = ("time_s", "episodes_per_s")  # wall clock: the only things a resumed run may change
 
 
-def _ppo_stage_command(runs: Path) -> list[str]:
-    return [sys.executable, "-m", "rlhf_lib.stages", "ppo", "--preset", "micro", "--runs-dir", str(runs), "--no-progress"]
+def _stage_command(stage: str, runs: Path) -> list[str]:
+    return [sys.executable, "-m", "rlhf_lib.stages", stage, "--preset", "micro", "--runs-dir", str(runs), "--no-progress"]
 
 
-def _start_ppo_stage(runs: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != HOLDER_ENV}  # its own lock, as a user's command takes it
-    return subprocess.Popen(_ppo_stage_command(runs), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+def _user_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != HOLDER_ENV}  # its own lock, as a user's command takes it
 
 
-def _checkpoints(runs: Path) -> set[str]:
-    return {str(p.relative_to(runs)) for p in runs.glob("work-ppo-*/*/checkpoint-*")}
+def _run_stage(stage: str, runs: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_stage_command(stage, runs), cwd=REPO, capture_output=True, text=True, env=_user_env())
 
 
-def _kill_at(proc: subprocess.Popen, runs: Path, rng, seen: set[str]) -> str:
+def _checkpoints(runs: Path, stage: str) -> set[str]:
+    """The checkpoints a stage's work folder holds (PPO's and SFT's Trainer's both name them checkpoint-*)."""
+    return {str(p.relative_to(runs)) for p in runs.glob(f"work-{stage}-*/*/checkpoint-*")}
+
+
+def _kill_loop(stage: str, runs: Path, kills: int, seed: int) -> list[str]:
+    """Start `python -m rlhf_lib.stages <stage>` and SIGKILL it, `kills` times; what happened each time."""
+    rng, seen, story = random.Random(seed), set(), []
+    for _ in range(kills):
+        proc = subprocess.Popen(_stage_command(stage, runs), cwd=REPO, env=_user_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        story.append(_kill_at(proc, lambda: _checkpoints(runs, stage), rng, seen))
+    assert seen, f"no kill came after a checkpoint, so nothing was resumed: {story}"
+    return story
+
+
+def _kill_at(proc: subprocess.Popen, checkpoints, rng, seen: set[str]) -> str:
     """SIGKILL `proc` at a random moment: after a random delay, or just after it saves a checkpoint not seen before
     (so the resume path is taken whatever the machine's speed). Returns what happened, for the failure message."""
     import signal
@@ -347,11 +362,11 @@ def _kill_at(proc: subprocess.Popen, runs: Path, rng, seen: set[str]) -> str:
     delay = rng.uniform(0.0, 1.0) if after_checkpoint else rng.uniform(0.5, 15.0)
     deadline = time.monotonic() + 120
     while after_checkpoint and proc.poll() is None and time.monotonic() < deadline:
-        if _checkpoints(runs) - seen:
+        if checkpoints() - seen:
             break
         time.sleep(0.05)
     time.sleep(delay)
-    seen |= _checkpoints(runs)
+    seen |= checkpoints()
     if proc.poll() is not None:
         return f"finished before its kill (rc {proc.returncode})"
     proc.send_signal(signal.SIGKILL)
@@ -380,7 +395,6 @@ def _published_ppo(stage: Path) -> dict[str, object]:
 def test_ppo_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_does(tmp_path, bigbench_tasks):
     """kill -9 `python -m rlhf_lib.stages ppo` a few times (seeded moments), rerun after each: the run completes,
     leaves no partial or work folder, and publishes the same weights, metrics and samples as an uninterrupted run."""
-    import random
     import shutil
 
     import pandas as pd
@@ -398,16 +412,11 @@ def test_ppo_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_
     killed.mkdir()
     for stage in ("data", "sft", "reward"):
         shutil.copytree(paths.stage(stage), killed / paths.stage(stage).name)
-    uninterrupted = subprocess.run(_ppo_stage_command(reference), cwd=REPO, capture_output=True, text=True,
-                                   env={k: v for k, v in os.environ.items() if k != HOLDER_ENV})
+    uninterrupted = _run_stage("ppo", reference)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
-    rng, seen, story = random.Random(20), set(), []
-    for _ in range(4):
-        story.append(_kill_at(_start_ppo_stage(killed), killed, rng, seen))
-    assert seen, f"no kill came after a checkpoint, so nothing was resumed: {story}"
-    final = subprocess.run(_ppo_stage_command(killed), cwd=REPO, capture_output=True, text=True,
-                           env={k: v for k, v in os.environ.items() if k != HOLDER_ENV})
+    story = _kill_loop("ppo", killed, kills=4, seed=20)
+    final = _run_stage("ppo", killed)
     assert final.returncode == 0, f"{story}\n{final.stderr[-3000:]}"
 
     published = RunPaths.for_config(cfg, killed).stage("ppo")
@@ -418,3 +427,51 @@ def test_ppo_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_
     for name in expected:
         assert actual[name] == expected[name], f"{name} differs after {story}"
     assert len(pd.read_csv(published / "ppo" / "metrics.csv")) == cfg.ppo.iterations
+
+
+def _published_sft(stage: Path) -> dict[str, object]:
+    """What a published SFT stage holds, less wall-clock columns: both adapters, their logs, the samples."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    out: dict[str, object] = {}
+    for product in ("policy", "ppo_init"):
+        for weights in sorted((stage / product).rglob("*.safetensors")):
+            out[str(weights.relative_to(stage))] = {k: v.tolist() for k, v in load_file(str(weights)).items()}
+        out[f"{product}/meta.json"] = read_json(stage / product / "meta.json")
+        log = pd.read_csv(stage / f"log_history_{product}.csv")
+        log = log.drop(columns=[c for c in log.columns if c.endswith(("_runtime", "_per_second"))])  # wall clock
+        # train_loss: the mean of the step losses, summed in another order after a resume (float rounding only).
+        log["train_loss"] = log["train_loss"].round(6)
+        out[f"log_history_{product}.csv"] = log.astype(object).where(log.notna(), None).to_dict(orient="list")
+    out["samples.csv"] = (stage / "samples.csv").read_text()
+    return out
+
+
+@pytest.mark.slow
+def test_sft_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_does(tmp_path, bigbench_tasks):
+    """kill -9 `python -m rlhf_lib.stages sft` a few times (seeded moments, some just after a Trainer checkpoint),
+    rerun: it resumes from its work folder and publishes the same adapters, logs and samples as an uninterrupted run."""
+    import shutil
+
+    from rlhf_lib.data.study import build_data_stage
+
+    cfg = load_preset("micro")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    paths = RunPaths.for_config(cfg, reference)
+    build_data_stage(cfg, paths)
+    killed.mkdir()
+    shutil.copytree(paths.stage("data"), killed / paths.stage("data").name)
+    uninterrupted = _run_stage("sft", reference)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    story = _kill_loop("sft", killed, kills=4, seed=3)
+    final = _run_stage("sft", killed)
+    assert final.returncode == 0, f"{story}\n{final.stderr[-3000:]}"
+    published = RunPaths.for_config(cfg, killed).stage("sft")
+    assert read_done(published) is not None
+    assert not list(killed.glob(".*.partial-*")) and not list(killed.glob("work-sft-*")), f"left behind: {story}"
+    expected, actual = _published_sft(paths.stage("sft")), _published_sft(published)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert actual[name] == expected[name], f"{name} differs after {story}"

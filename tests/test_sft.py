@@ -192,6 +192,7 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(tmp_path, capsys):
     # The log of the resumed run carries the steps before the interruption too.
     assert resumed.log_history.dropna(subset=["loss"])["step"].tolist() == [1, 2, 3, 4]
     assert resumed.log_history["train_loss"].dropna().item() == pytest.approx(whole.log_history["train_loss"].dropna().item())
+    assert resumed.log_history["num_tokens"].tolist() == pytest.approx(whole.log_history["num_tokens"].tolist(), nan_ok=True)
     assert resumed.chosen_epoch == whole.chosen_epoch
     # On CPU the same ops in the same order with the restored RNG give the same weights; a GPU could differ
     # in the last bits (nondeterministic kernels), which is why this is allclose rather than equal.
