@@ -270,6 +270,18 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    report_to: Literal["tensorboard", "wandb", "mlflow", "trackio", "none"] = _knob(
+        "tensorboard",
+        "Where every stage logs its training curves (rlhf_lib.tracking): TRL's trainers (SFT, DPO) and our loops (RM, "
+        "PPO) alike. tensorboard writes event files inside each stage's folder (`tensorboard --logdir runs/<preset>`); "
+        "wandb, mlflow and trackio need their package installed and configured. Not part of any stage's fingerprint.",
+    )
+    run_name: str = _knob("", "The run's name on the dashboard (default: <preset>-seed<seed>); each stage logs under it.")
+    project: str = _knob("instructgpt-study", "Project (wandb, trackio) or experiment (mlflow) the runs are grouped in.")
+
+
+@dataclass
 class StudyConfig:
     preset: str = _knob("micro", "Name of the preset (the file stem).")
     seed: int = _knob(0, "Seed for every random choice of the study.", low=0)
@@ -282,6 +294,7 @@ class StudyConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # where curves go; no stage depends on it
 
     # Which config sections each stage's artifacts depend on (its own and everything upstream).
     STAGE_SECTIONS: typing.ClassVar[dict[str, tuple[str, ...]]] = {

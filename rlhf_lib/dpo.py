@@ -43,6 +43,7 @@ from rlhf_lib.config import StudyConfig
 from rlhf_lib.prompting import bos_prefix, format_prompt
 from rlhf_lib.reward import ranked_pairs
 from rlhf_lib.sft import trl_common_args
+from rlhf_lib.tracking import trainer_logging_dir
 
 
 @dataclass
@@ -154,10 +155,12 @@ def train_dpo(
         beta=ev.dpo_beta,
         max_length=cfg.reward.max_seq_tokens,
         save_strategy="no",  # only the final adapter is kept
-        **trl_common_args(cfg, progress),
+        **trl_common_args(cfg, progress, part="dpo"),
     )
     started = time.time()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    with trainer_logging_dir(cfg, out_dir / "tensorboard"):
+        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
     trainer.train()
     seconds = time.time() - started
 

@@ -30,7 +30,6 @@ import itertools
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -588,7 +587,7 @@ def collect_comparisons(cfg: StudyConfig, paths, work: Path, out_dir: Path, prog
     return tables
 
 
-def _train_cached_head_rms(
+def train_cached_head_rms(
     cfg: StudyConfig, paths, tables: dict[str, list[dict]], out_dir: Path, progress: bool
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """The CPU path: features from the frozen SFT model once, then the K-wise head, the shuffled-pairs
@@ -681,7 +680,7 @@ def learning_curve(
     return frame
 
 
-def _train_lora_rms(cfg: StudyConfig, paths, tables: dict[str, list[dict]], out_dir: Path, progress: bool) -> tuple[dict[str, float], pd.DataFrame]:
+def train_lora_rms(cfg: StudyConfig, paths, tables: dict[str, list[dict]], out_dir: Path, progress: bool) -> tuple[dict[str, float], pd.DataFrame]:
     """The GPU path: LoRA on the SFT model + head, end to end, K-wise and the shuffled-pairs ablation."""
     from rlhf_lib.data.study import StudyData
 
@@ -706,32 +705,6 @@ def _train_lora_rms(cfg: StudyConfig, paths, tables: dict[str, list[dict]], out_
             timings["bias"] = result.bias
         del rm
     return timings, pd.concat(predictions, ignore_index=True)
-
-
-def run_reward_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
-    """Collect K-wise comparisons, calibrate the labelers, train the RM (and the shuffled-pairs ablation)
-    by `reward.method`, and save every prediction needed to recompute its accuracies. Cached per fingerprint.
-
-    An interrupted run keeps its sampled completions and labels in runs/<preset>/work-reward-<fp>/.
-    """
-    from rlhf_lib.pipeline import cached_stage
-
-    work = paths.root / f"work-reward-{cfg.fingerprint('reward')}"
-    with cached_stage(paths, "reward") as stage:
-        if not stage.done:
-            started = time.time()
-            tables = collect_comparisons(cfg, paths, work, stage.dir, progress)
-            sampled = time.time() - started
-            if cfg.reward.method == "cached_blocks":
-                from rlhf_lib.reward_blocks import train_cached_blocks_rms as train
-            else:
-                train = _train_cached_head_rms if cfg.reward.method == "cached_head" else _train_lora_rms
-            timings, predictions = train(cfg, paths, tables, stage.dir, progress)
-            predictions.to_csv(stage.dir / "predictions.csv", index=False)
-            timings |= {"method": cfg.reward.method, "comparisons_seconds": sampled, "total_seconds": time.time() - started}
-            (stage.dir / "timing.json").write_text(json.dumps(timings, indent=1))
-    shutil.rmtree(work, ignore_errors=True)  # the samples and labels are in the published stage now
-    return paths.stage("reward")
 
 
 def comparison_summary(comparisons: pd.DataFrame) -> pd.DataFrame:

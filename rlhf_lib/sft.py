@@ -45,6 +45,7 @@ from rlhf_lib.config import StudyConfig
 from rlhf_lib.io import atomic_write_text, read_json
 from rlhf_lib.pipeline import is_main_process, wait_for_all_processes
 from rlhf_lib.prompting import bos_prefix, format_prompt
+from rlhf_lib.tracking import trainer_args, trainer_logging_dir
 
 META = "meta.json"
 CHECKPOINT_COMPLETE = "rlhf_complete.json"  # inside a Trainer checkpoint: written last, names every file and its size
@@ -81,14 +82,15 @@ def pretraining_rows(texts: Sequence[str], count: int, seed: int) -> list[dict[s
     return [{"prompt": "", "completion": text} for text in chosen]
 
 
-def trl_common_args(cfg: StudyConfig, progress: bool) -> dict[str, Any]:
-    """Arguments every TRL trainer of the study shares (SFT, DPO): seeds, logging, and precision."""
+def trl_common_args(cfg: StudyConfig, progress: bool, part: str = "sft") -> dict[str, Any]:
+    """Arguments every TRL trainer of the study shares (SFT, DPO): seeds, logging (to `tracking.report_to`, as
+    `part` of the run), and precision."""
     device = models.resolve_device(cfg.model.device)
     dtype = models.resolve_dtype(cfg.model.dtype, device)
     on_gpu = device.type == "cuda"
     return {
         "logging_steps": 1,
-        "report_to": "none",
+        **trainer_args(cfg, part),
         "seed": cfg.seed,
         "data_seed": cfg.seed,
         # TRL's own defaults differ by trainer (DPOConfig turns gradient checkpointing on); ours come from the preset.
@@ -120,6 +122,7 @@ def train_sft(
     reward_model_dir: Path | None = None,
     checkpoint_dir: Path | None = None,
     callbacks: Sequence[Any] = (),
+    tensorboard_dir: Path | None = None,
 ) -> SFTResult:
     """Fine-tune the preset's base model on (prompt, response) pairs; keep the best epoch checkpoint.
 
@@ -127,7 +130,8 @@ def train_sft(
     the one whose greedy responses to the validation prompts `reward_model_dir`'s RM scores highest.
     Checkpoints go to `checkpoint_dir` (default out_dir/checkpoints, removed at the end; a given folder is
     left to the caller); training resumes from the newest complete checkpoint of the same set-up found there.
-    `callbacks` are extra transformers TrainerCallbacks.
+    `callbacks` are extra transformers TrainerCallbacks. Curves go to `tracking.report_to` (TensorBoard events to
+    `tensorboard_dir`, default out_dir/tensorboard).
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -187,11 +191,12 @@ def train_sft(
         save_strategy="epoch",
         save_total_limit=None,
         load_best_model_at_end=False,  # we choose the checkpoint ourselves (validation loss or RM score)
-        **trl_common_args(cfg, progress),
+        **trl_common_args(cfg, progress, part=f"sft-{Path(out_dir).name.removesuffix('_run')}"),
     )
     started = time.time()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
-                         callbacks=[completion_marking_callback(setup), *callbacks])
+    with trainer_logging_dir(cfg, Path(tensorboard_dir or Path(out_dir) / "tensorboard")):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
+                             callbacks=[completion_marking_callback(setup), *callbacks])
     if resume_from is not None:
         _continue_token_count(trainer, resume_from)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -425,7 +430,8 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
                         f"and {paths.root} holds none. Run the study once with select_by = 'val_loss' first."
                     )
             policy = train_sft(cfg, train, validation, stage.dir / "policy_run", progress=progress,
-                               reward_model_dir=reward_model_dir, checkpoint_dir=work / "policy")
+                               reward_model_dir=reward_model_dir, checkpoint_dir=work / "policy",
+                               tensorboard_dir=stage.dir / "tensorboard" / "policy")
             if main:
                 shutil.move(str(policy.adapter_dir), stage.dir / "policy")
                 policy.log_history.to_csv(stage.dir / "log_history_policy.csv", index=False)
@@ -435,7 +441,7 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
             init = train_sft(
                 cfg, train, [], stage.dir / "ppo_init_run", epochs=cfg.sft.ppo_init_epochs,
                 pretrain_texts=pretrain, pretrain_mix=cfg.sft.ppo_init_pretrain_mix, progress=progress,
-                checkpoint_dir=work / "ppo_init",
+                checkpoint_dir=work / "ppo_init", tensorboard_dir=stage.dir / "tensorboard" / "ppo_init",
             )
             if not main:
                 return paths.stage("sft")  # cached_stage publishes after every process got here

@@ -57,6 +57,7 @@ def test_lora_loss_falls_and_adapter_roundtrips(tmp_path, micro_tokenizer):
     assert train[-1] < train[0] - 0.1, f"training loss did not fall: {train}"
     assert (curves.split == "validation").sum() == cfg.sft.epochs
     assert (result.adapter_dir / "adapter_model.safetensors").exists()
+    assert list((tmp_path / "sft" / "tensorboard").rglob("events.out.tfevents.*"))  # tracking.report_to's default
 
     model_a, tok = load_policy(result.adapter_dir)
     model_b, _ = load_policy(result.adapter_dir)

@@ -87,6 +87,7 @@ from rlhf_lib.ppo.selection import (
     split_validation_prompts,
 )
 from rlhf_lib.ppo.update import EMA, build_optimizer, ppo_update
+from rlhf_lib.tracking import Tracker, new_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -145,19 +146,20 @@ def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
 
 
 class RunLog:
-    """metrics.csv, samples.jsonl and TensorBoard events of a run (only the main process writes).
+    """metrics.csv, samples.jsonl and the curves for `tracking.report_to` (TensorBoard: events in tensorboard/) of
+    a run; only the main process writes.
 
-    On resume, rows of iterations after the checkpoint are dropped first: those iterations are redone.
+    On resume, rows of iterations after the checkpoint are dropped first (and TensorBoard's events after it):
+    those iterations are redone.
     """
 
-    def __init__(self, out_dir: Path, resume_from: int, enabled: bool):
+    def __init__(self, out_dir: Path, resume_from: int, enabled: bool, cfg: StudyConfig | None = None):
         self.metrics, self.samples, self.tensorboard = out_dir / "metrics.csv", out_dir / "samples.jsonl", out_dir / "tensorboard"
-        self.enabled, self.writer = enabled, None
+        self.enabled, self.writer = enabled, Tracker()
         if enabled:
             self._trim(resume_from)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.tensorboard), purge_step=resume_from + 1)
+            if cfg is not None:
+                self.writer = new_tracker(cfg, out_dir.name, self.tensorboard, purge_step=resume_from + 1)
 
     def _trim(self, keep_through: int) -> None:
         if self.metrics.exists():
@@ -183,9 +185,7 @@ class RunLog:
                     "score": rollout.scores[i].item(), "rm_score": rollout.rm_scores[i].item(),
                     "kl": rollout.kl[i].sum().item(), "ended_with_eos": bool(rollout.ended_with_eos[i]),
                 }) + "\n")
-        for key in METRIC_COLUMNS[1:]:
-            self.writer.add_scalar(f"ppo/{key}", float(row[key]), row["iteration"])
-        self.writer.flush()
+        self.writer.log({f"ppo/{key}": row[key] for key in METRIC_COLUMNS[1:]}, step=int(row["iteration"]))
 
     def rows(self) -> list[dict[str, float]]:
         if not self.metrics.exists():
@@ -194,8 +194,7 @@ class RunLog:
             return [{k: csv_float(v) for k, v in r.items()} for r in csv.DictReader(handle)]
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
 
 
 def _mean(history: list[dict[str, float]], key: str) -> float:
@@ -307,7 +306,7 @@ def train_ppo(
     if ptx_coef > 0:
         ptx_sampler = PretrainSampler(pretrain_texts, tokenizer, ppo.ptx_batch, cfg.sft.max_seq_tokens, accelerator.device)
 
-    log = RunLog(out_dir, state.iteration, enabled=main)
+    log = RunLog(out_dir, state.iteration, enabled=main, cfg=cfg)
     # The main process trims the validation files of an interrupted run before the others read them.
     tracker = ValidationTracker(out_dir, ppo.collapse_fraction, bool(validation_prompts), writer=True) if main else None
     accelerator.wait_for_everyone()
