@@ -333,8 +333,11 @@ def _user_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != HOLDER_ENV}  # its own lock, as a user's command takes it
 
 
-def _run_stage(stage: str, runs: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(_stage_command(stage, runs), cwd=REPO, capture_output=True, text=True, env=_user_env())
+def _run_stage(stage: str, runs: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a stage to its end in its own process; (the process, its wall-clock seconds)."""
+    started = time.monotonic()
+    done = subprocess.run(_stage_command(stage, runs), cwd=REPO, capture_output=True, text=True, env=_user_env())
+    return done, time.monotonic() - started
 
 
 def _checkpoints(runs: Path, stage: str) -> set[str]:
@@ -342,24 +345,27 @@ def _checkpoints(runs: Path, stage: str) -> set[str]:
     return {str(p.relative_to(runs)) for p in runs.glob(f"work-{stage}-*/*/checkpoint-*")}
 
 
-def _kill_loop(stage: str, runs: Path, kills: int, seed: int) -> list[str]:
-    """Start `python -m rlhf_lib.stages <stage>` and SIGKILL it, `kills` times; what happened each time."""
+def _kill_loop(stage: str, runs: Path, kills: int, seed: int, duration: float) -> list[str]:
+    """Start `python -m rlhf_lib.stages <stage>` and SIGKILL it, `kills` times (the first just after a checkpoint,
+    the others at a random share of `duration`, an uninterrupted run's seconds, or after one); what happened."""
     rng, seen, story = random.Random(seed), set(), []
-    for _ in range(kills):
+    for round_ in range(kills):
         proc = subprocess.Popen(_stage_command(stage, runs), cwd=REPO, env=_user_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        story.append(_kill_at(proc, lambda: _checkpoints(runs, stage), rng, seen))
+        after_checkpoint = round_ == 0 or rng.random() < 0.5
+        delay = rng.uniform(0.0, 0.25) if after_checkpoint else rng.uniform(0.05, 0.8) * duration
+        story.append(_kill_at(proc, lambda: _checkpoints(runs, stage), after_checkpoint, delay, seen))
+        if story[-1].startswith("finished"):
+            break  # the stage is published: later rounds would only find it done
     assert seen, f"no kill came after a checkpoint, so nothing was resumed: {story}"
     return story
 
 
-def _kill_at(proc: subprocess.Popen, checkpoints, rng, seen: set[str]) -> str:
-    """SIGKILL `proc` at a random moment: after a random delay, or just after it saves a checkpoint not seen before
-    (so the resume path is taken whatever the machine's speed). Returns what happened, for the failure message."""
+def _kill_at(proc: subprocess.Popen, checkpoints, after_checkpoint: bool, delay: float, seen: set[str]) -> str:
+    """SIGKILL `proc` `delay` seconds after its start, or after it saves a checkpoint not seen before (so the resume
+    path is taken whatever the machine's speed). Returns what happened, for the failure message."""
     import signal
 
-    after_checkpoint = rng.random() < 0.6
-    delay = rng.uniform(0.0, 1.0) if after_checkpoint else rng.uniform(0.5, 15.0)
     deadline = time.monotonic() + 120
     while after_checkpoint and proc.poll() is None and time.monotonic() < deadline:
         if checkpoints() - seen:
@@ -412,11 +418,11 @@ def test_ppo_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_
     killed.mkdir()
     for stage in ("data", "sft", "reward"):
         shutil.copytree(paths.stage(stage), killed / paths.stage(stage).name)
-    uninterrupted = _run_stage("ppo", reference)
+    uninterrupted, seconds = _run_stage("ppo", reference)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
-    story = _kill_loop("ppo", killed, kills=4, seed=20)
-    final = _run_stage("ppo", killed)
+    story = _kill_loop("ppo", killed, kills=4, seed=20, duration=seconds)
+    final, _ = _run_stage("ppo", killed)
     assert final.returncode == 0, f"{story}\n{final.stderr[-3000:]}"
 
     published = RunPaths.for_config(cfg, killed).stage("ppo")
@@ -462,11 +468,11 @@ def test_sft_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_
     build_data_stage(cfg, paths)
     killed.mkdir()
     shutil.copytree(paths.stage("data"), killed / paths.stage("data").name)
-    uninterrupted = _run_stage("sft", reference)
+    uninterrupted, seconds = _run_stage("sft", reference)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
-    story = _kill_loop("sft", killed, kills=4, seed=3)
-    final = _run_stage("sft", killed)
+    story = _kill_loop("sft", killed, kills=4, seed=3, duration=seconds)
+    final, _ = _run_stage("sft", killed)
     assert final.returncode == 0, f"{story}\n{final.stderr[-3000:]}"
     published = RunPaths.for_config(cfg, killed).stage("sft")
     assert read_done(published) is not None
