@@ -107,7 +107,7 @@ def trl_common_args(cfg: StudyConfig, progress: bool, part: str = "sft") -> dict
 
 def _write_meta(directory: Path, cfg: StudyConfig, **extra) -> None:
     meta = {"base_model": cfg.model.name, "finetune": cfg.model.finetune, "quantize_4bit": cfg.model.quantize_4bit, **extra}
-    (directory / META).write_text(json.dumps(meta, indent=1))
+    atomic_write_text(directory / META, json.dumps(meta, indent=1))
 
 
 def train_sft(
@@ -463,9 +463,8 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
                  "prompt": [r["prompt"] for r in eval_rows], "reference": [r["reference"] for r in eval_rows],
                  "base": base_out, "sft": sft_out}
             ).to_csv(stage.dir / "samples.csv", index=False)
-            (stage.dir / "timing.json").write_text(
-                json.dumps({"policy_seconds": policy.seconds, "ppo_init_seconds": init.seconds}, indent=1)
-            )
+            atomic_write_text(stage.dir / "timing.json",
+                              json.dumps({"policy_seconds": policy.seconds, "ppo_init_seconds": init.seconds}, indent=1))
     if is_main_process():
         shutil.rmtree(work, ignore_errors=True)  # the chosen checkpoints are in the published stage now
     return paths.stage("sft")
