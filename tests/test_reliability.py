@@ -92,7 +92,7 @@ def test_run_all_holds_the_runs_and_output_locks_while_it_executes(tmp_path, mon
     runs, out = tmp_path / "runs", tmp_path / "out"
     seen = {}
 
-    def fake_execute(step, args):  # a user's second command, started while a notebook runs
+    def fake_execute(step, args, log=None):  # a user's second command, started while a notebook runs
         env = {k: v for k, v in os.environ.items() if k != HOLDER_ENV}
         seen["env"] = os.environ.get(HOLDER_ENV)
         second = subprocess.run([sys.executable, "-m", "rlhf_lib.stages", "data", "--preset", "micro", "--runs-dir",
@@ -406,7 +406,7 @@ def test_ppo_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_
     import pandas as pd
 
     from rlhf_lib.data.study import build_data_stage
-    from rlhf_lib.reward import run_reward_stage
+    from rlhf_lib.reward_stage import run_reward_stage
     from rlhf_lib.sft import run_sft_stage
 
     cfg = load_preset("micro")
