@@ -8,6 +8,8 @@ Designs, each in its own subprocess so that its peak RSS (ru_maxrss) is its own:
   shared     rlhf_lib.ppo as used by train_ppo: one base, adapters policy/reference/value/reward
   separate   the same PPO code, but every role its own copy of the base (policy, reference, value, reward)
   shared@8   the shared design at TRL's side-by-side settings (batch 8, one minibatch, 32 tokens)
+  shared@8+gc  the same with gradient checkpointing in the update (`model.gradient_checkpointing`): less
+             activation memory for recomputed forwards
   TRL        bench_trl_ppo.py (TRL 1.10 trl.experimental.ppo.PPOTrainer, full and LoRA) in its own venv
 
 Both our designs time exactly the iteration body of train_ppo (collect_rollout + ppo_update) without
@@ -205,7 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--iterations", type=int, default=1)
-    parser.add_argument("--designs", default="shared,separate,shared@8", help="comma-separated subset")
+    parser.add_argument("--designs", default="shared,separate,shared@8,shared@8+gc", help="comma-separated subset")
     parser.add_argument("--trl-python", help="python of a venv with trl==1.10.0 (runs bench_trl_ppo.py, full and LoRA)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in every child (0: default)")
     parser.add_argument("--out", help="write the Markdown report here (e.g. bench/results/ppo_bench.md)")
@@ -230,7 +232,10 @@ def main() -> None:
         artifacts = Path(tmp)
         make_artifacts(args.preset, artifacts)
         for design in args.designs.split(","):
-            name, overrides = (("shared", batch8) if design == "shared@8" else (design, {}))
+            name, overrides = {
+                "shared@8": ("shared", batch8),
+                "shared@8+gc": ("shared", {**batch8, "model.gradient_checkpointing": True}),
+            }.get(design, (design, {}))
             job = {"design": name, "preset": args.preset, "overrides": overrides, "artifacts": str(artifacts),
                    "iterations": args.iterations, "threads": args.threads}
             result = run_child([sys.executable, __file__, "--child", json.dumps(job)], env)

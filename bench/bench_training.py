@@ -1,0 +1,166 @@
+"""Training-step speed against the machine's arithmetic: SFT and RM steps, and the RM's cached-feature pass.
+
+    python bench/bench_training.py                                  # tiny preset (SmolLM2-135M), ~3 minutes
+    python bench/bench_training.py --preset micro --repeats 1       # seconds, a smoke test
+    python bench/bench_training.py --out bench/results/training_bench.md
+
+Every design runs the preset's base with a LoRA adapter of the preset's rank (fp32, dropout off) on random token
+sequences of a fixed length (no padding: the bound below counts every token), measured in one process and
+interleaved over `--repeats` rounds (the median is reported), beside an fp32 matmul measured in the same run:
+
+  sft step        LoRA fine-tuning step as in notebook 02: forward, causal-LM loss, backward, AdamW step, at
+                  `sft.batch_size` x `sft.max_seq_tokens`
+  rm step         the end-to-end LoRA RM (GPU presets): forward to the last hidden states, a scalar head on the
+                  mean of each row's states, a pairwise loss, backward, AdamW, at `reward.forward_batch` rows
+  rm features     the CPU RM's cached-feature pass (rlhf_lib.reward, `method = "cached_head"`): forward only, no
+                  gradients, every layer's states, at `reward.forward_batch` x `reward.max_seq_tokens`, with the
+                  SFT adapter as loaded (unmerged) and merged into a copy of the weights
+
+FLOPs counted: a forward is 2 x parameters x tokens (attention's own matmuls are left out: at these lengths they
+are a few percent). A LoRA backward through frozen weights computes the inputs' gradients (another 2 x N x T) but no
+weight gradients for the frozen matrices, so a LoRA step is counted as 4 x N x T (6 x N x T for full fine-tuning,
+which nothing here does). "% of bound" is the time those FLOPs take at the matmul rate over the measured time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_generation import matmul_gflops  # noqa: E402
+
+
+def timed_steps(step, repeats_inside: int) -> float:
+    """Seconds per call of `step`, after one warm-up call."""
+    step()
+    started = time.perf_counter()
+    for _ in range(repeats_inside):
+        step()
+    return (time.perf_counter() - started) / repeats_inside
+
+
+def sft_step(model, optimizer, batch: torch.Tensor):
+    """One causal-LM LoRA step."""
+
+    def step() -> None:
+        out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def rm_step(model, head: torch.nn.Module, optimizer, batch: torch.Tensor):
+    """One end-to-end RM step: mean-pooled last states, scalar head, rows paired (0 beats 1, 2 beats 3, ...)."""
+
+    def step() -> None:
+        states = model(input_ids=batch, attention_mask=torch.ones_like(batch), output_hidden_states=True).hidden_states
+        scores = head(states[-1].mean(1)).squeeze(-1)
+        loss = -torch.nn.functional.logsigmoid(scores[0::2] - scores[1::2]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def feature_pass(model, batch: torch.Tensor):
+    """The cached-head RM's forward: every layer's states, no gradients."""
+
+    def step() -> None:
+        with torch.no_grad():
+            model(input_ids=batch, attention_mask=torch.ones_like(batch), output_hidden_states=True)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--steps", type=int, default=2, help="timed calls per design per round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="", help="write the markdown table here (default: print only)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from rlhf_lib import models
+    from rlhf_lib.config import load_preset
+    from rlhf_lib.generation import merged_copy
+
+    cfg = load_preset(args.preset)
+    torch.manual_seed(0)
+    model = models.lora_from_config(models.load_causal_lm(cfg.model.name), cfg.model)
+    with torch.no_grad():  # a trained-looking adapter (B = 0 would let a merge skip nothing real)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.01)
+    model.train()
+    n_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    vocab = models.load_tokenizer(cfg.model.name).vocab_size
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    head = models.ScalarHead(models.hidden_size_of(model))
+    sft_optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    rm_optimizer = torch.optim.AdamW([*trainable, *head.parameters()], lr=1e-5)
+    frozen = merged_copy(model).eval()
+    frozen.requires_grad_(False)
+
+    def tokens(rows: int, length: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(rows * length))
+
+    sft_batch = tokens(cfg.sft.batch_size, cfg.sft.max_seq_tokens)
+    rm_batch = tokens(cfg.reward.forward_batch, cfg.reward.max_seq_tokens)
+    designs = {  # name -> (step, tokens per call, FLOPs per token per parameter)
+        f"sft step ({cfg.sft.batch_size} x {cfg.sft.max_seq_tokens})": (sft_step(model, sft_optimizer, sft_batch), sft_batch.numel(), 4),
+        f"rm step ({cfg.reward.forward_batch} x {cfg.reward.max_seq_tokens})": (rm_step(model, head, rm_optimizer, rm_batch), rm_batch.numel(), 4),
+        "rm features, adapter unmerged": (feature_pass(model, rm_batch), rm_batch.numel(), 2),
+        "rm features, adapter merged": (feature_pass(frozen, rm_batch), rm_batch.numel(), 2),
+    }
+    load_before = os.getloadavg()[0]
+    gflops, seconds = [], {name: [] for name in designs}
+    for round_index in range(args.repeats):
+        gflops.append(matmul_gflops())
+        for name, (step, _, _) in designs.items():
+            seconds[name].append(timed_steps(step, args.steps))
+            print(f"round {round_index + 1} {name}: {seconds[name][-1]:.2f} s per call", flush=True)
+    rate = statistics.median(gflops)
+    lines = [
+        f"# Training-step speed, preset `{args.preset}` ({cfg.model.name}, fp32, CPU, LoRA rank {cfg.model.lora_rank})",
+        "",
+        f"- Command: `python bench/bench_training.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
+        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {args.threads} threads; load average before {load_before:.2f}, after "
+        f"{os.getloadavg()[0]:.2f}",
+        f"- {n_params / 1e6:.1f} M parameters; fp32 matmul {rate:.0f} GFLOP/s (2048^2, median of {len(gflops)} in "
+        f"this run); median of {args.repeats} interleaved rounds of {args.steps} calls",
+        "",
+        "| design | s per call | tokens per call | tokens/s | FLOPs counted | GFLOP/s | % of matmul rate |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, (_, n_tokens, per_token) in designs.items():
+        s = statistics.median(seconds[name])
+        achieved = per_token * n_params * n_tokens / s / 1e9
+        lines.append(f"| {name} | {s:.2f} | {n_tokens} | {n_tokens / s:.0f} | {per_token} x N x T | {achieved:.0f} | "
+                     f"{100 * achieved / rate:.0f}% |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
