@@ -42,6 +42,8 @@ lab: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rlhf_lib tests bench run_all.py
+	@# the layer and no-cycle contracts in pyproject.toml's [tool.importlinter]
+	$(VENV)/bin/lint-imports --no-cache
 
 clean-venv:
 	rm -rf $(VENV)
