@@ -502,6 +502,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     written = write_summary(Path(args.output), summary_sizes(Path(args.output), sizes))
     print(f"Summary table: {written}")
+    from rlhf_lib.index_page import write_index
+
+    print(f"Index page (links every size's notebooks, figures and records): {write_index(Path(args.output))}")
     return 0
 
 
