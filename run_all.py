@@ -338,11 +338,13 @@ def launch_stage(step: dict, args: argparse.Namespace) -> None:
     import shlex
     import subprocess
 
+    from rlhf_lib.locking import parent_death_signal
     from rlhf_lib.stages import stage_command
 
     command = stage_command(step["stage"], step["size"], step["runs_dir"], overrides_for(args), shlex.split(args.launcher))
     print("    " + shlex.join(command), flush=True)
-    done = subprocess.run(command, cwd=REPO)
+    # If run_all itself is killed, the launcher dies with it (and the launcher's workers with the launcher).
+    done = subprocess.run(command, cwd=REPO, preexec_fn=parent_death_signal())
     if done.returncode != 0:
         raise LaunchError(f"`{shlex.join(command)}` exited with status {done.returncode} (its output is above)")
 

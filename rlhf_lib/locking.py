@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,3 +125,28 @@ def hold_locks(folders: Iterable[Path | str], wait: bool = True, poll_s: float =
                 os.environ.pop(HOLDER_ENV, None)
             else:
                 os.environ[HOLDER_ENV] = previous
+
+
+def parent_death_signal() -> Callable[[], None]:
+    """A function that asks Linux to SIGKILL the calling process when its parent dies (prctl PR_SET_PDEATHSIG).
+
+    A launcher killed with SIGKILL (torchrun, or run_all.py above it) cannot pass the signal on, and its workers
+    would train on alone, holding memory and writing into a stage nobody will publish. Call the result in each
+    worker (rlhf_lib.stages does when launched on several processes), or pass it as `preexec_fn` to a launcher's
+    Popen. The C function is looked up here, in the parent, so that the child only makes the system call. A no-op
+    off Linux.
+    """
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1  # from <sys/prctl.h>
+
+    def request() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before the request was made: nobody is left to wait for us
+            os._exit(1)
+
+    return request

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rlhf_lib.config import StudyConfig
-from rlhf_lib.io import atomic_write_text, read_json
+from rlhf_lib.io import atomic_write_text, fsync_tree, read_json
 
 DONE = "DONE.json"
 OWNER = ".owner.json"  # inside a partial directory: the process building it (removed before publishing)
@@ -254,6 +254,7 @@ def cached_stage(paths: RunPaths, name: str) -> Iterator[StageHandle]:
             }
             atomic_write_text(tmp / DONE, json.dumps(record, indent=1))
             (tmp / OWNER).unlink(missing_ok=True)  # bookkeeping of the build, not an artifact
+            fsync_tree(tmp)  # every artifact on disk before the rename publishes them
             if final.exists():
                 shutil.rmtree(final)  # an earlier copy whose DONE.json was torn
             os.replace(tmp, final)

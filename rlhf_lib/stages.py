@@ -30,7 +30,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from rlhf_lib.config import StudyConfig, load_preset
-from rlhf_lib.locking import LockBusy, hold_lock
+from rlhf_lib.locking import LockBusy, hold_lock, parent_death_signal
 from rlhf_lib.pipeline import (
     DISTRIBUTED_STAGES,
     STAGES,
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
+        parent_death_signal()()  # a launcher killed with SIGKILL takes its workers with it
         if args.stage not in DISTRIBUTED_STAGES:
             print(f"Stage '{args.stage}' runs in one process; launch it without torchrun/accelerate. "
                   f"Distributed stages: {', '.join(DISTRIBUTED_STAGES)}.", file=sys.stderr)

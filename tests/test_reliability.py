@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -161,6 +162,36 @@ def test_read_json_and_atomic_write(tmp_path):
     atomic_write_text(tmp_path / "sub" / "r.json", '{"a": 1}')
     assert read_json(tmp_path / "sub" / "r.json") == {"a": 1}
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def test_a_stage_is_published_only_after_every_artifact_is_fsynced(tmp_path, monkeypatch):
+    """A power cut after the rename must not leave the published name pointing at data still in the page cache."""
+    from rlhf_lib import io
+
+    synced: list[str] = []
+    real_fsync, real_replace = io.os.fsync, io.os.replace
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    published_after: list[set[str]] = []
+
+    def recording_replace(source, target):
+        if ".partial-" in Path(source).name:  # the stage directory, not a temporary file
+            published_after.append(set(synced))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(io.os, "fsync", recording_fsync)
+    monkeypatch.setattr("rlhf_lib.pipeline.os.replace", recording_replace)
+    paths = RunPaths.for_config(load_preset("micro"), tmp_path / "runs")
+    with cached_stage(paths, "data") as handle:
+        (handle.dir / "nested").mkdir()
+        (handle.dir / "nested" / "weights.bin").write_bytes(b"\0" * 1024)
+        (handle.dir / "artifact.txt").write_text("data")
+    assert len(published_after) == 1, "the stage was not published by one rename"
+    for name in ("nested/weights.bin", "artifact.txt", "DONE.json"):
+        assert any(path.endswith(name) for path in published_after[0]), f"{name} was not fsynced before publishing"
 
 
 @pytest.mark.filterwarnings("ignore:.*unreadable")
@@ -481,3 +512,90 @@ def test_sft_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_
     assert expected.keys() == actual.keys()
     for name in expected:
         assert actual[name] == expected[name], f"{name} differs after {story}"
+
+
+# --------------------------------------------------------------------------------------------
+# A launcher killed with SIGKILL takes its workers with it
+# --------------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_parent_death_signal_kills_the_child_with_its_parent(tmp_path):
+    """A parent that launches a long child with the request, then is SIGKILLed: the child dies too."""
+    import signal
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "from rlhf_lib.locking import parent_death_signal\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+        "preexec_fn=parent_death_signal())\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the child outlived its SIGKILLed parent"
+
+
+@pytest.mark.slow
+def test_killing_torchrun_leaves_no_worker_behind(tmp_path, bigbench_tasks):
+    """torchrun cannot forward SIGKILL, and once training its workers no longer need it (gloo connects them
+    directly): killed mid-PPO, its workers must die with it (rlhf_lib.stages asks the kernel for that), not train
+    on and publish a stage that nobody is waiting for."""
+    import shutil
+    import signal
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed beside this interpreter")
+    runs = tmp_path / "runs"
+    for stage in ("data", "sft", "reward"):
+        done, _ = _run_stage(stage, runs)
+        assert done.returncode == 0, done.stderr[-2000:]
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "rlhf_lib.stages", "ppo", "--preset", "micro",
+               "--runs-dir", str(runs), "--no-progress", "--overrides-json", json.dumps({"ppo.iterations": 60})]
+    launcher = subprocess.Popen(command, cwd=REPO, env=_user_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.time() + 180
+        while not _checkpoints(runs, "ppo") and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        workers = _children(launcher.pid)
+        assert _checkpoints(runs, "ppo") and len(workers) == 2, "PPO did not get to its first checkpoint on 2 workers"
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 5
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "workers kept training after torchrun was killed"
+        assert not list(runs.glob("micro/ppo-*/DONE.json")), "orphaned workers published the stage"
+    finally:
+        for pid in [launcher.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -12,13 +12,15 @@ RM score still rises; these checks read exactly those signs.
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+
+from rlhf_lib.io import atomic_write_text
 
 # A validation point whose greedy answers repeat (fewer than 90% distinct over the validation prompts) is
 # never chosen: one answer for many prompts is how the RM got hacked in the first tiny run.
@@ -155,21 +157,21 @@ class ValidationTracker:
         self._write_csv()
         if chosen == iteration:
             save_copy(self.out_dir / f"best-{iteration:06d}")
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"last_validated": iteration, "best_iteration": self.best_iteration}, indent=1))
-        os.replace(tmp, self.state_path)  # the commit point
+        atomic_write_text(self.state_path,  # the commit point
+                          json.dumps({"last_validated": iteration, "best_iteration": self.best_iteration}, indent=1))
         self._drop_stale_copies()
 
     def selection(self) -> tuple[int | None, str]:
         return select_checkpoint(self.rows, self.collapse_fraction)
 
     def _write_csv(self) -> None:
-        with self.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=VALIDATION_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({**row, "iteration": int(row["iteration"]), "prompts": int(row["prompts"]),
-                                 "allowed": bool(row.get("allowed", False)), "best_so_far": bool(row.get("best_so_far", False))})
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=VALIDATION_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({**row, "iteration": int(row["iteration"]), "prompts": int(row["prompts"]),
+                             "allowed": bool(row.get("allowed", False)), "best_so_far": bool(row.get("best_so_far", False))})
+        atomic_write_text(self.csv, text.getvalue())
 
     def _drop_stale_copies(self) -> None:
         for path in self.out_dir.glob("best-*"):

@@ -62,6 +62,7 @@ import torch
 from rlhf_lib import models
 from rlhf_lib.artifacts import read_meta, save_policy_dir, save_reward_dir
 from rlhf_lib.config import StudyConfig
+from rlhf_lib.io import atomic_write_text
 from rlhf_lib.ppo.checkpoint import (
     CHECKPOINT_PREFIX,
     TrainState,
@@ -164,10 +165,11 @@ class RunLog:
     def _trim(self, keep_through: int) -> None:
         if self.metrics.exists():
             lines = self.metrics.read_text().splitlines(keepends=True)
-            self.metrics.write_text("".join(lines[:1] + [x for x in lines[1:] if int(x.split(",", 1)[0]) <= keep_through]))
+            atomic_write_text(self.metrics,
+                              "".join(lines[:1] + [x for x in lines[1:] if int(x.split(",", 1)[0]) <= keep_through]))
         if self.samples.exists():
             lines = self.samples.read_text().splitlines(keepends=True)
-            self.samples.write_text("".join(x for x in lines if json.loads(x)["iteration"] <= keep_through))
+            atomic_write_text(self.samples, "".join(x for x in lines if json.loads(x)["iteration"] <= keep_through))
 
     def write(self, row: dict[str, float], rollout: Rollout, n_samples: int) -> None:
         if not self.enabled:
@@ -215,7 +217,7 @@ def export_run(
         with models.atomic_directory(policy_dir) as tmp:
             shutil.copytree(chosen_dir, tmp, dirs_exist_ok=True)
             saved = json.loads((tmp / "meta.json").read_text())
-            (tmp / "meta.json").write_text(json.dumps({**saved, **meta}, indent=1))
+            (tmp / "meta.json").write_text(json.dumps({**saved, **meta}, indent=1))  # tmp is published whole
     elif ema is not None:
         with ema.applied():
             save_policy_dir(roles.model, "policy", policy_dir, base_name, **meta)
@@ -373,7 +375,8 @@ def train_ppo(
                     roles.eval()
             except FloatingPointError as err:
                 if main:
-                    (out_dir / "DIVERGED.json").write_text(json.dumps({"iteration": iteration, "reason": str(err)}, indent=1))
+                    atomic_write_text(out_dir / "DIVERGED.json",
+                                      json.dumps({"iteration": iteration, "reason": str(err)}, indent=1))
                 raise PPODivergence(str(err), iteration, latest_checkpoint(out_dir)) from err
 
             # Step 9: the KL controller; then metrics (averaged over ranks), logs and the checkpoint.
@@ -425,7 +428,7 @@ def train_ppo(
         meta = {**policy_meta, "iterations": state.iteration, "chosen_iteration": chosen, "selection": selection}
         export_run(roles, ema, out_dir, base_name, meta, chosen_dir=chosen_dir)
         collapsed = [int(r["iteration"]) for r in log.rows() if r.get("collapsed", 0.0) > 0]
-        (out_dir / "result.json").write_text(json.dumps({
+        atomic_write_text(out_dir / "result.json", json.dumps({
             **run_info, "iterations_done": state.iteration, "chosen_iteration": chosen, "selection": selection,
             "stop_reason": stop_reason, "collapsed_iterations": collapsed,
         }, indent=1))
