@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 SIZES ?=
 ARGS ?=
 
-.PHONY: setup test test-fast run lab lint clean-venv
+.PHONY: setup test test-fast run lab lint gpu-bundle clean-venv
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check rlhf_lib tests bench run_all.py
 	@# the layer and no-cycle contracts in pyproject.toml's [tool.importlinter]
 	$(VENV)/bin/lint-imports --no-cache
+
+# What bench/gpu_proof.sh needs on a GPU machine without network (wheels + the micro model), in .gpu_bundle/
+gpu-bundle: $(STAMP)
+	PY=$(PY) bash bench/gpu_bundle.sh
 
 clean-venv:
 	rm -rf $(VENV)
