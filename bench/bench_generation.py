@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -37,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench_common import matmul_gflops, publish, run_header  # noqa: E402
 from bench_ppo import PROMPTS  # noqa: E402
 
 PASSAGE = (
@@ -55,16 +54,6 @@ def bench_prompts(n: int) -> list[str]:
         passage = " ".join((PASSAGE * 4)[:words])
         prompts.append(f"{passage}\n\n{PROMPTS[i % len(PROMPTS)]}" if passage else PROMPTS[i % len(PROMPTS)])
     return prompts
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """fp32 matmul rate of this machine now (the arithmetic bound's denominator)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 def run_design(policy, tokenizer, texts: list[str], batch_size: int, fast: bool, merged: bool, max_new_tokens: int,
@@ -142,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Sampling speed, preset `{args.preset}` ({cfg.model.name}, fp32, CPU)",
         "",
-        f"- Command: `python bench/bench_generation.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
-        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} threads; load average before {load_before:.2f}, after "
-        f"{os.getloadavg()[0]:.2f}",
+        *run_header("bench/bench_generation.py", argv, args.threads, load_before),
         f"- {args.prompts} prompts, {new_tokens} new tokens at temperature 1, LoRA rank {cfg.model.lora_rank}; "
         f"{n_params / 1e6:.1f} M parameters; fp32 matmul {rate:.0f} GFLOP/s (2048^2, median of {len(gflops)} in this run); "
         f"median of {args.repeats} interleaved rounds",
@@ -158,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {m['total_s']:.1f} | {m['prefill_s']:.1f} | {m['decode_s']:.1f} | {m['sampled_tokens']:.0f} | "
             f"{m['sampled_tokens'] / m['total_s']:.0f} | {100 * bound_s / m['total_s']:.0f}% | {base_total / m['total_s']:.2f}x |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
     return 0
 
 

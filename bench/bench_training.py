@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -39,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_generation import matmul_gflops  # noqa: E402
+from bench_common import matmul_gflops, publish, run_header  # noqa: E402
 
 
 def timed_steps(step, repeats_inside: int) -> float:
@@ -140,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Training-step speed, preset `{args.preset}` ({cfg.model.name}, fp32, CPU, LoRA rank {cfg.model.lora_rank})",
         "",
-        f"- Command: `python bench/bench_training.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
-        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} threads; load average before {load_before:.2f}, after "
-        f"{os.getloadavg()[0]:.2f}",
+        *run_header("bench/bench_training.py", argv, args.threads, load_before),
         f"- {n_params / 1e6:.1f} M parameters; fp32 matmul {rate:.0f} GFLOP/s (2048^2, median of {len(gflops)} in "
         f"this run); median of {args.repeats} interleaved rounds of {args.steps} calls",
         "",
@@ -155,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         achieved = per_token * n_params * n_tokens / s / 1e9
         lines.append(f"| {name} | {s:.2f} | {n_tokens} | {n_tokens / s:.0f} | {per_token} x N x T | {achieved:.0f} | "
                      f"{100 * achieved / rate:.0f}% |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
     return 0
 
 
