@@ -235,7 +235,7 @@ def test_extraction_is_cached_and_resumes_after_interruption(bb_root: Path, tmp_
     def boom(*args, **kwargs):
         raise AssertionError("re-extracted a cached task")
 
-    monkeypatch.setattr(bigbench, "_extract_tasks", boom)
+    monkeypatch.setattr(bigbench.fetch, "_extract_tasks", boom)
     started = time.perf_counter()
     assert bigbench.ensure_bigbench_tasks(["tense"], sdist=sdist, expected_sha256=digest, cache_dir=cache) == root
     assert time.perf_counter() - started < 0.5
@@ -294,13 +294,13 @@ class _Done:
 
 
 def test_download_reports_pip_failure(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(bigbench, "_installed_pip_refuses", lambda: False)
+    monkeypatch.setattr(bigbench.fetch, "_installed_pip_refuses", lambda: False)
     # The release is gone from the index (as on PyPI since 2026-12): the message says so and names both ways out.
-    monkeypatch.setattr(bigbench, "_run", lambda command: _Done(1, "ERROR: No matching distribution found for bigbench==1.0.0"))
+    monkeypatch.setattr(bigbench.fetch, "_run", lambda command: _Done(1, "ERROR: No matching distribution found for bigbench==1.0.0"))
     with pytest.raises(DataError, match=r"(?s)could not download .*No matching distribution.*does not list bigbench 1.0.0"
                                         r".*sha256 1bb398a5.*RLHF_BIGBENCH_TASKS"):
         bigbench.download_sdist(tmp_path / "downloads")
-    monkeypatch.setattr(bigbench, "_run", lambda command: _Done(1, "ERROR: Could not connect to pypi.org"))
+    monkeypatch.setattr(bigbench.fetch, "_run", lambda command: _Done(1, "ERROR: Could not connect to pypi.org"))
     with pytest.raises(DataError, match=r"(?s)Could not connect.*Offline\? Either copy"):
         bigbench.download_sdist(tmp_path / "downloads")
 
@@ -309,7 +309,7 @@ def test_a_checkout_serves_when_the_sdist_cannot_be_had(bb_root: Path, tmp_path:
     """RLHF_BIGBENCH_TASKS names a BIG-bench clone: read in place, nothing downloaded, content hashes recorded."""
     clone = tmp_path / "BIG-bench"
     shutil.copytree(bb_root, clone / "bigbench" / "benchmark_tasks")
-    monkeypatch.setattr(bigbench, "download_sdist", lambda dest: pytest.fail("downloaded although a checkout was given"))
+    monkeypatch.setattr(bigbench.fetch, "download_sdist", lambda dest: pytest.fail("downloaded although a checkout was given"))
     monkeypatch.setenv(bigbench.TASKS_DIR_ENV, str(clone))
     root = bigbench.ensure_bigbench_tasks(cache_dir=tmp_path / "cache")
     assert root == (clone / "bigbench" / "benchmark_tasks").resolve()
@@ -342,14 +342,14 @@ def test_download_falls_back_to_older_pip_when_refused(tmp_path: Path, monkeypat
         (dest / bigbench.SDIST_NAME).write_bytes(b"sdist")
         return _Done(0)
 
-    monkeypatch.setattr(bigbench, "_run", fake_run)
-    monkeypatch.setattr(bigbench, "_installed_pip_refuses", lambda: False)  # an older pip is tried first
+    monkeypatch.setattr(bigbench.fetch, "_run", fake_run)
+    monkeypatch.setattr(bigbench.fetch, "_installed_pip_refuses", lambda: False)  # an older pip is tried first
     assert bigbench.download_sdist(dest) == dest / bigbench.SDIST_NAME
     assert len(commands) == 3 and commands[2][2:5] == ["download", "--no-deps", "--no-binary"]
     # pip >= 26.3 installed: straight to the fallback (no 358 MB download thrown away).
     (dest / bigbench.SDIST_NAME).unlink()
     commands.clear()
-    monkeypatch.setattr(bigbench, "_installed_pip_refuses", lambda: True)
+    monkeypatch.setattr(bigbench.fetch, "_installed_pip_refuses", lambda: True)
     assert bigbench.download_sdist(dest).exists() and len(commands) == 2
 
 
