@@ -1,7 +1,7 @@
 """A miniature BIG-bench benchmark_tasks/ tree in the real task formats, written by tests.
 
 Used by the parser tests, and by the micro-study tests when the real BIG-bench source cannot be had
-(its PyPI sdist was delisted; see rlhf_lib/data/bigbench.py).
+(its PyPI sdist was delisted; see rlhf_lib/data/bigbench/).
 """
 
 from __future__ import annotations
