@@ -16,6 +16,7 @@ from test_reward import _toy_comparisons
 from rlhf_lib import export, models
 from rlhf_lib.artifacts import RewardModel, load_policy, save_policy_dir
 from rlhf_lib.config import load_preset
+from rlhf_lib.export import command
 from rlhf_lib.pipeline import DONE, RunPaths
 from rlhf_lib.reward import new_reward_model, ranked_pairs
 
@@ -334,10 +335,10 @@ def test_cards_say_not_available_without_findings():
 def test_push_to_hub_only_with_the_flag_and_with_one_repo_per_artifact(monkeypatch, tmp_path):
     report = {"exported": {name: str(tmp_path / name) for name in ("sft", "ppo", "ppo_ptx", "reward_model", "comparisons")},
               "skipped": {}}
-    monkeypatch.setattr(export, "export_study", lambda *args, **kwargs: report)
-    monkeypatch.setattr(export, "load_preset", load_preset, raising=False)
+    monkeypatch.setattr(command, "export_study", lambda *args, **kwargs: report)  # where main looks them up
+    monkeypatch.setattr(command, "load_preset", load_preset, raising=False)
     calls = []
-    monkeypatch.setattr(export, "push_to_hub", lambda folder, repo_id, repo_type, private: calls.append(
+    monkeypatch.setattr(command, "push_to_hub", lambda folder, repo_id, repo_type, private: calls.append(
         (Path(folder).name, repo_id, repo_type, private)))
     assert export.main(["--size", "micro", "--out", str(tmp_path)]) == 0 and calls == []
     assert export.main(["--size", "micro", "--out", str(tmp_path), "--push-to-hub", "me/study"]) == 0

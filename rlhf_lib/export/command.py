@@ -59,7 +59,7 @@ from rlhf_lib.io import read_json
 from rlhf_lib.pipeline import STAGES, RunPaths, default_runs_root, read_done
 from rlhf_lib.prompting import PLAIN_TEMPLATE, format_prompt, uses_chat_template
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 POLICIES = {"sft": ("sft", "policy"), "ppo": ("ppo", "ppo/policy"), "ppo_ptx": ("ppo", "ppo_ptx/policy")}
 POLICY_TITLES = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
 REWARD_DIR, REWARD_OWN_FORMAT_DIR, COMPARISONS_DIR = "reward_model", "reward_model_rlhf_format", "comparisons"
@@ -737,7 +737,7 @@ def push_exports(report: dict[str, Any], prefix: str, private: bool = True, prog
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m rlhf_lib.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="tiny", help="preset whose finished study is exported (default: tiny)")
     parser.add_argument("--out", required=True, help="folder to write the exports into")
@@ -773,7 +773,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         push_exports(report, args.push_to_hub, private=not args.public)
     print(f"export: wrote {', '.join(report['exported'])} to {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
