@@ -80,15 +80,23 @@ def test_failure_names_cell_then_resume_skips_finished(tmp_path, capsys):
     assert all(_executions(micro_runs, s) == (2 if s == "reward" else 1) for s in run_all.NOTEBOOKS)
 
 
-def test_changed_knob_reruns_only_downstream(tmp_path):
+def _stage_dirs(runs: Path) -> set[str]:
+    return {p.name for p in (runs / "micro").iterdir() if p.is_dir()}
+
+
+def _ran_once(tmp_path: Path) -> tuple[Path, Path, list[str], set[str]]:
+    """A study of fake notebooks run once at micro: (runs, results, its arguments, the stage folders it made)."""
     runs, out, nbs = tmp_path / "runs", tmp_path / "results", tmp_path / "nbs"
     _write_notebooks(nbs, fail_stage=None)
     common = ["--sizes", "micro", "--runs-dir", str(runs), "--output", str(out), "--notebooks", str(nbs), "--no-html"]
     assert run_all.main(common) == 0
-    stages_before = {p.name for p in (runs / "micro").iterdir() if p.is_dir()}
+    return runs, out, common, _stage_dirs(runs)
+
+
+def test_changed_knob_reruns_only_downstream(tmp_path):
+    runs, out, common, stages_before = _ran_once(tmp_path)
     assert run_all.main([*common, "--quantize"]) == 0  # model.* changes: every stage's fingerprint changes
-    stages_after = {p.name for p in (runs / "micro").iterdir() if p.is_dir()}
-    assert len(stages_after - stages_before) == 5
+    assert len(_stage_dirs(runs) - stages_before) == 5
     record = json.loads(next((runs / "micro").glob("data-*/DONE.json")).read_text())
     assert record["preset"] == "micro"
     rendered = json.loads((out / "micro" / "run_record.json").read_text())["stages"]
@@ -216,13 +224,9 @@ def test_code_commit_ignores_the_runs_own_results(tmp_path):
 
 
 def test_set_overrides_a_knob_rerunning_only_the_stages_it_reaches(tmp_path):
-    runs, out, nbs = tmp_path / "runs", tmp_path / "results", tmp_path / "nbs"
-    _write_notebooks(nbs, fail_stage=None)
-    common = ["--sizes", "micro", "--runs-dir", str(runs), "--output", str(out), "--notebooks", str(nbs), "--no-html"]
-    assert run_all.main(common) == 0
-    before = {p.name for p in (runs / "micro").iterdir() if p.is_dir()}
+    runs, out, common, before = _ran_once(tmp_path)
     assert run_all.main([*common, "--set", "ppo.iterations=3", "--set", "reward.temperatures=[0.5, 1.0]"]) == 0
-    added = {p.name for p in (runs / "micro").iterdir() if p.is_dir()} - before
+    added = _stage_dirs(runs) - before
     assert {name.split("-")[0] for name in added} == {"reward", "ppo", "analysis"}  # data and sft reused
     record = json.loads((out / "micro" / "run_record.json").read_text())["stages"]
     assert record["ppo"]["overrides"] == {"ppo.iterations": 3, "reward.temperatures": [0.5, 1.0]}
