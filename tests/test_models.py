@@ -75,8 +75,9 @@ def test_local_directory_loads_through_from_pretrained(tmp_path, micro_model, mi
     micro_model.save_pretrained(tmp_path / "ckpt")
     micro_tokenizer.save_pretrained(tmp_path / "ckpt")
     loaded = models.load_causal_lm(str(tmp_path / "ckpt"))
-    ids = torch.tensor([[1, 2, 3]])
-    assert torch.allclose(loaded(ids).logits, micro_model(ids).logits, atol=1e-5)
+    ids = torch.tensor([[1, 2, 3]])  # both models sit on the default device (cuda when present)
+    assert torch.allclose(loaded(ids.to(loaded.device)).logits.cpu(), micro_model(ids.to(micro_model.device)).logits.cpu(),
+                          atol=1e-5)
 
 
 class ArbitraryObject:
@@ -108,7 +109,7 @@ def test_lora_on_4bit_micro_trains_one_step(micro_tokenizer):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     before = [p.detach().clone() for p in trainable]
-    batch = micro_tokenizer(["hello world", "a b c d e"], return_tensors="pt", padding=True)
+    batch = micro_tokenizer(["hello world", "a b c d e"], return_tensors="pt", padding=True).to(model.device)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     loss = model(**batch, labels=labels).loss
     assert torch.isfinite(loss)
@@ -143,7 +144,7 @@ def test_merged_sampler_has_the_policys_log_probs_and_keeps_a_disabled_adapter_o
     from rlhf_lib.generation import merged_copy
 
     policy = _micro_policy()
-    batch = micro_tokenizer(["one two three four", "a b"], return_tensors="pt", padding=True)
+    batch = micro_tokenizer(["one two three four", "a b"], return_tensors="pt", padding=True).to(policy.device)
     with torch.no_grad():
         plain = torch.log_softmax(policy(**batch).logits, -1)
         merged = merged_copy(policy)

@@ -62,7 +62,7 @@ def test_lora_loss_falls_and_adapter_roundtrips(tmp_path, micro_tokenizer):
     model_a, tok = load_policy(result.adapter_dir)
     model_b, _ = load_policy(result.adapter_dir)
     prompts = [format_prompt(tok, p) for p, _ in PAIRS]
-    ids = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model_a.device)
     with torch.no_grad():
         assert torch.equal(model_a(**ids).logits, model_b(**ids).logits)
     greedy_a = generate(model_a, tok, prompts, max_new_tokens=6, temperature=0.0).texts
