@@ -243,11 +243,11 @@ def test_each_method_generates_with_its_own_weights(analysed):
 
 
 def test_cached_stage_is_reused_and_an_upstream_change_recomputes(analysed, monkeypatch):
-    import rlhf_lib.analysis as analysis
+    import rlhf_lib.analysis.stage as stage  # where run_analysis_stage looks _run up
 
     cfg, paths, _, stage_dir = analysed
     calls = []
-    monkeypatch.setattr(analysis, "_run", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(stage, "_run", lambda *args, **kwargs: calls.append(args))
     before = (stage_dir / "DONE.json").read_text()
     run_analysis_stage(cfg, paths, progress=False)
     assert calls == [] and (stage_dir / "DONE.json").read_text() == before
@@ -505,17 +505,17 @@ def test_cross_size_win_rates_use_one_baseline_and_one_prompt_set(analysed, tmp_
                         max_new_tokens=small_cfg.generation.max_new_tokens, temperature=0.0).texts
     assert mine["completion"].fillna("").tolist() == expected
     # Nothing changed: the saved table is reused without generating again.
-    import rlhf_lib.analysis as analysis
+    import rlhf_lib.analysis.stage as cross_size  # where cross_size_win_rates looks _answer up
 
     def refuse(*args, **kwargs):
         raise AssertionError("regenerated although no analysis changed")
 
-    original = analysis._answer
-    analysis._answer = refuse
+    original = cross_size._answer
+    cross_size._answer = refuse
     try:
         again = cross_size_win_rates([(small_cfg, small_paths), (big_cfg, big_paths)], tmp_path / "out", progress=False)
     finally:
-        analysis._answer = original
+        cross_size._answer = original
     assert len(again) == len(table)
 
 

@@ -319,8 +319,8 @@ def test_a_finished_analysis_with_a_torn_metrics_json_is_recomputed(tmp_path, mo
         atomic_write_text(out / "metrics.json", json.dumps({"preset": "micro", "run": len(runs)}))
         atomic_write_text(out / "upstream.json", json.dumps(current))
 
-    monkeypatch.setattr(analysis, "upstream_state", lambda paths: upstream)
-    monkeypatch.setattr(analysis, "_run", fake_run)
+    monkeypatch.setattr(analysis.stage, "upstream_state", lambda paths: upstream)  # where run_analysis_stage looks
+    monkeypatch.setattr(analysis.stage, "_run", fake_run)
     stage = analysis.run_analysis_stage(paths.cfg, paths, progress=False)
     assert analysis.load_metrics(stage)["run"] == 1 and len(runs) == 1
     analysis.run_analysis_stage(paths.cfg, paths, progress=False)
