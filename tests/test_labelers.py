@@ -5,6 +5,7 @@ Fast: hand-written prompt rows and synthetic completions only, no language model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -390,7 +391,7 @@ def test_labeler_validates_weights():
 
 def test_agreement_is_one_without_noise_between_identical_labelers(populations):
     twin = L.with_noise([populations[0][0]] * 2, 0.0)
-    twin = [twin[0], L.dataclasses.replace(twin[1], id="twin")]
+    twin = [twin[0], dataclasses.replace(twin[1], id="twin")]
     rows, completions, _ = synthetic_set(seed=0, copies=1)
     report = L.agreement(twin, rows, completions, seed=0, n_boot=100)
     assert report.groups["train-train"].mean == 1.0

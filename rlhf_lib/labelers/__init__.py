@@ -44,9 +44,6 @@ function another one calls must patch the submodule that holds the caller (e.g.
 
 from __future__ import annotations
 
-# `labelers.dataclasses` was reachable when this was one module, and tests use it (`L.dataclasses.replace`).
-import dataclasses  # noqa: F401
-
 from rlhf_lib.labelers.agreement import AgreementEstimate, AgreementReport, agreement, calibrate_noise
 from rlhf_lib.labelers.criteria import (
     CLOSED_DOMAIN_CATEGORIES,
