@@ -10,7 +10,7 @@ labelers agree on about 73% of pairs, as the paper's labelers did (72.6 +- 1.5%)
     criteria    the criteria a utility is built from (`CRITERIA`), toxicity, `score_completions` of a prompt
     ranking     noise draws, `competition_ranks`, the Likert mapping and the labeling form's flags
     population  `Labeler` (weights, verbosity, noise) and the seeded populations: `make_population`, `with_noise`
-    agreement   inter-labeler agreement (`agreement`) and the noise calibration to ~73% (`calibrate_noise`)
+    calibration inter-labeler agreement (`agreement`) and the noise calibration to ~73% (`calibrate_noise`)
     labeling    a resumable labeling run: `label_comparisons`, rows of COMPARISON_FEATURES
 
 Usage::
@@ -44,7 +44,7 @@ function another one calls must patch the submodule that holds the caller (e.g.
 
 from __future__ import annotations
 
-from rlhf_lib.labelers.agreement import AgreementEstimate, AgreementReport, agreement, calibrate_noise
+from rlhf_lib.labelers.calibration import AgreementEstimate, AgreementReport, agreement, calibrate_noise
 from rlhf_lib.labelers.criteria import (
     CLOSED_DOMAIN_CATEGORIES,
     CRITERIA,

@@ -16,7 +16,7 @@ import numpy as np
 from datasets import Dataset
 
 from rlhf_lib.data.schema import COMPARISON_FEATURES, to_dataset
-from rlhf_lib.labelers.agreement import _check_inputs
+from rlhf_lib.labelers.calibration import _check_inputs
 from rlhf_lib.labelers.criteria import _get, score_completions
 from rlhf_lib.labelers.population import Labeler
 from rlhf_lib.labelers.ranking import _stable_int, competition_ranks, likert_from_utility

@@ -3,7 +3,7 @@
 A `Labeler` weighs the criteria (`CRITERIA`), likes answers of a length relative to the reference, and
 adds Thurstone noise of its own scale when it ranks or rates. `make_population` draws a population's
 labelers from its prior (POPULATION_PRIORS); `with_noise` gives them a new noise scale, such as the one
-`calibrate_noise` (in `rlhf_lib.labelers.agreement`) finds.
+`calibrate_noise` (in `rlhf_lib.labelers.calibration`) finds.
 """
 
 from __future__ import annotations
