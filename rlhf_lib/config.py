@@ -144,7 +144,7 @@ class RewardConfig:
         "run once per completion and frozen; the scalar head is trained for many epochs on its cached last hidden "
         "states, with early stopping on a validation split of the training prompts (CPU presets). cached_blocks: the "
         "SFT model's lower blocks run once per completion; the top `train_blocks` blocks' LoRA and the head train on "
-        "the cached states entering them (rlhf_lib.reward_blocks), with early stopping on the same validation split.",
+        "the cached states entering them (rlhf_lib.reward.blocks), with early stopping on the same validation split.",
     )
     pooling: Literal["last", "mean_response"] = _knob(
         "last",

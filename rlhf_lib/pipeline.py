@@ -56,7 +56,7 @@ class Stage:
 STAGE_TABLE = (
     Stage("data", "01_data.ipynb", "rlhf_lib.data.study:run_data_stage"),
     Stage("sft", "02_sft.ipynb", "rlhf_lib.sft:run_sft_stage", distributed=True),
-    Stage("reward", "03_reward_model.ipynb", "rlhf_lib.reward_stage:run_reward_stage"),
+    Stage("reward", "03_reward_model.ipynb", "rlhf_lib.reward.stage:run_reward_stage"),
     Stage("ppo", "04_ppo.ipynb", "rlhf_lib.ppo:run_ppo_stage", distributed=True),
     Stage("analysis", "05_analysis.ipynb", "rlhf_lib.analysis:run_analysis_stage"),
 )

@@ -17,7 +17,7 @@ PACKAGE = REPO / "rlhf_lib"
 
 # Cycles that are known and owned elsewhere; each entry says why it is still there. Any other cycle fails.
 KNOWN_CYCLES: dict[frozenset[str], str] = {}
-STAGE_MODULES = {"rlhf_lib.sft", "rlhf_lib.reward", "rlhf_lib.reward_blocks", "rlhf_lib.reward_stage",
+STAGE_MODULES = {"rlhf_lib.sft", "rlhf_lib.reward",
                  "rlhf_lib.comparisons", "rlhf_lib.ppo",
                  "rlhf_lib.dpo", "rlhf_lib.analysis", "rlhf_lib.stages", "rlhf_lib.pipeline"}
 

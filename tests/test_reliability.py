@@ -437,7 +437,7 @@ def test_ppo_stage_killed_at_random_moments_publishes_what_an_uninterrupted_run_
     import pandas as pd
 
     from rlhf_lib.data.study import build_data_stage
-    from rlhf_lib.reward_stage import run_reward_stage
+    from rlhf_lib.reward.stage import run_reward_stage
     from rlhf_lib.sft import run_sft_stage
 
     cfg = load_preset("micro")

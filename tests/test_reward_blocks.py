@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from rlhf_lib import models
 from rlhf_lib.config import load_preset
 from rlhf_lib.reward import RankedUnit, RewardModel, comparison_predictions, new_reward_model
-from rlhf_lib.reward_blocks import (
+from rlhf_lib.reward.blocks import (
     build_state_table,
     decoder_slice,
     evaluate_units,

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf_lib import models
-from rlhf_lib.reward import (
+from rlhf_lib.reward.cached_head import (
     COMPARISON_SETS,
     FeatureTable,
     RankedUnit,

@@ -1,6 +1,6 @@
 """The reward stage (notebook 03): comparisons, labels, the reward model by `reward.method`, every prediction.
 
-    from rlhf_lib.reward_stage import run_reward_stage
+    from rlhf_lib.reward.stage import run_reward_stage
     rm_dir = run_reward_stage(cfg, paths)      # runs/<preset>/reward-<fingerprint>/ (cached per fingerprint)
 
 The methods live in rlhf_lib.reward (`lora`: end to end on a GPU; `cached_head`: a head on the frozen SFT model's
@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from rlhf_lib.config import StudyConfig
-from rlhf_lib.reward import collect_comparisons, train_cached_head_rms, train_lora_rms
-from rlhf_lib.reward_blocks import train_cached_blocks_rms
+from rlhf_lib.reward.blocks import train_cached_blocks_rms
+from rlhf_lib.reward.cached_head import collect_comparisons, train_cached_head_rms, train_lora_rms
 from rlhf_lib.tracking import open_tracker
 
 # reward.method -> (cfg, paths, comparison tables, stage dir, progress) -> (timings, predictions)
