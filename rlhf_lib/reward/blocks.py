@@ -34,23 +34,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf_lib import models
+from rlhf_lib.artifacts import RewardModel
 from rlhf_lib.reward.cached_head import (
-    COMPARISON_SETS,
     FeatureTable,
     RankedUnit,
-    RewardModel,
-    _add_meta,
-    _prediction_rows,
-    comparison_texts,
+    cached_predictions,
     fit_head,
     head_from_fit,
     kwise_loss_of_units,
-    new_reward_model,
     pair_accuracy_of_units,
-    preference_pair_predictions,
     ranked_units,
+    scored_texts,
+    sft_score_std,
     split_prompt_ids,
 )
+from rlhf_lib.reward.model import _add_meta, new_reward_model
 
 # --------------------------------------------------------------------------------------------
 # A slice of the decoder that shares the model's weights
@@ -291,10 +289,7 @@ def train_cached_blocks_rms(cfg, paths, tables: Mapping[str, list[dict]], out_di
     rm = new_reward_model(cfg, paths.require("sft") / "policy", trainable=False)
     rm.layer, rm.pooling = -1, rc.pooling
     first = first_trained_block(rm.model, rc.train_blocks)
-    demos = [(r["prompt"], r["reference"], True) for r in data.split("sft")]
-    hhh = list(data.hhh_pairs)
-    hhh_texts = [(p["prompt"], p[side], True) for p in hhh for side in ("chosen", "rejected")]
-    texts = [t for table in tables.values() for t in comparison_texts(table)] + demos + hhh_texts
+    demos, hhh, hhh_texts, texts = scored_texts(data, tables)
     table = build_state_table(rm, texts, first, rc.forward_batch, progress)
     upper = decoder_slice(rm.model, first, None, final_norm=True)
     gap = check_slices(rm, table, upper)
@@ -316,19 +311,10 @@ def train_cached_blocks_rms(cfg, paths, tables: Mapping[str, list[dict]], out_di
         rm.bias = bias
         rm.save(model_dir)
         scores = scores - bias
-        sft_rows = sorted({r for row, u in zip(tables["comparisons_train.jsonl"], train_units, strict=True)
-                           for r, source in zip(u.rows, row["completion_sources"], strict=True) if source == "sft"})
-        _add_meta(model_dir, method="cached_blocks", sft_score_std=float(scores[sft_rows].std()) if len(sft_rows) > 1
-                  else 1.0, **meta)
+        _add_meta(model_dir, method="cached_blocks",
+                  sft_score_std=sft_score_std(scores, tables["comparisons_train.jsonl"], train_units), **meta)
         timings[f"{mode}_bias"] = bias
-        parts = []
-        for name, rows in tables.items():
-            per_row = [[float(scores[r]) for r in u.rows] for u in units[name]]
-            parts.append(pd.DataFrame(_prediction_rows(rows, per_row, COMPARISON_SETS[name])).assign(mode=mode))
-        hhh_scores = scores[[table.keys[t] for t in hhh_texts]].view(-1, 2)
-        parts.append(preference_pair_predictions(
-            None, hhh, "HHH human pairs", scores=(hhh_scores[:, 0].tolist(), hhh_scores[:, 1].tolist())).assign(mode=mode))
-        return parts
+        return cached_predictions(scores, table.keys, tables, units, hhh, hhh_texts, mode)
 
     predictions, selections = [], []
     # The ablation on the cheap path: shuffled pairs, a head on the frozen final-layer features.

@@ -3,13 +3,14 @@
     from rlhf_lib.reward.stage import run_reward_stage
     rm_dir = run_reward_stage(cfg, paths)      # runs/<preset>/reward-<fingerprint>/ (cached per fingerprint)
 
-The methods live in rlhf_lib.reward (`lora`: end to end on a GPU; `cached_head`: a head on the frozen SFT model's
-cached features) and rlhf_lib.reward_blocks (`cached_blocks`: the top blocks too); this module sits above both.
+Comparisons are collected here (sampled, labeler noise calibrated, ranked); the methods live beside it: lora.py (end to
+end on a GPU), cached_head.py (a head on the frozen SFT model's cached features), blocks.py (the top blocks too).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from pathlib import Path
@@ -18,11 +19,59 @@ import pandas as pd
 
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.reward.blocks import train_cached_blocks_rms
-from rlhf_lib.reward.cached_head import collect_comparisons, train_cached_head_rms, train_lora_rms
+from rlhf_lib.reward.cached_head import train_cached_head_rms
+from rlhf_lib.reward.lora import train_lora_rms
 from rlhf_lib.tracking import open_tracker
 
 # reward.method -> (cfg, paths, comparison tables, stage dir, progress) -> (timings, predictions)
 METHODS = {"lora": train_lora_rms, "cached_head": train_cached_head_rms, "cached_blocks": train_cached_blocks_rms}
+
+
+def collect_comparisons(cfg: StudyConfig, paths, work: Path, out_dir: Path, progress: bool = True) -> dict[str, list[dict]]:
+    """Sample K completions per RM prompt, calibrate the labelers on them, and rank them.
+
+    Training prompts are ranked by training labelers; held-out prompts (never trained on) by training AND by
+    held-out labelers; `labelers.labelers_per_prompt` of each population rank every prompt. Writes
+    agreement.csv and the three comparison files into `out_dir`; returns {file name: rows}.
+    """
+    from rlhf_lib import labelers as lab
+    from rlhf_lib.comparisons import sample_k_completions
+    from rlhf_lib.data.study import StudyData
+
+    data = StudyData.load(paths.require("data") / "study")
+    rows = [dict(r) for r in data.split("rm")]
+    samples = sample_k_completions(cfg, paths.require("sft") / "policy", rows, work / "completions.json", progress)
+    completions = samples.completions
+
+    # Labelers: calibrate the shared noise on these real samples, then measure agreement.
+    train_pop = lab.make_population(cfg.labelers, "train", seed=cfg.seed)
+    heldout_pop = lab.make_population(cfg.labelers, "heldout", seed=cfg.seed)
+    sigma, _ = lab.calibrate_noise(train_pop, rows, completions, target=cfg.labelers.target_agreement, seed=cfg.seed)
+    train_pop, heldout_pop = lab.with_noise(train_pop, sigma), lab.with_noise(heldout_pop, sigma)
+    report = lab.agreement(train_pop + heldout_pop, rows, completions, seed=cfg.seed + 1)
+    pd.DataFrame(report.to_rows()).assign(noise_scale=sigma).to_csv(out_dir / "agreement.csv", index=False)
+
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    n_held = max(1, round(len(rows) * cfg.reward.heldout_fraction))
+    held, trained = sorted(order[:n_held]), sorted(order[n_held:])
+
+    def label(indices: list[int], population: list, name: str) -> list[dict]:
+        pick = lambda values: [values[i] for i in indices]  # noqa: E731
+        return list(lab.label_comparisons(
+            pick(rows), pick(completions), pick(samples.sources), population, seed=cfg.seed,
+            out_path=work / f"{name}.jsonl", labelers_per_prompt=cfg.labelers.labelers_per_prompt,
+            temperatures_per_prompt=pick(samples.temperatures), ended_per_prompt=pick(samples.ended), progress=progress,
+        ))
+
+    tables = {
+        "comparisons_train.jsonl": label(trained, train_pop, "train_prompts_train_labelers"),
+        "comparisons_heldout_trainlabelers.jsonl": label(held, train_pop, "heldout_prompts_train_labelers"),
+        "comparisons_heldout_heldoutlabelers.jsonl": label(held, heldout_pop, "heldout_prompts_heldout_labelers"),
+    }
+    for name, table in tables.items():
+        pd.DataFrame(table).to_json(out_dir / name, orient="records", lines=True)
+    return tables
 
 
 def run_reward_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
