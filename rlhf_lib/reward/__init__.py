@@ -26,8 +26,8 @@ one cut at the token budget. It re-tokenises with its own tokenizer, so one RM c
     rm.score_texts(["Name a colour."], ["Red."])         # tensor([...]), demos average 0
 
 Modules, in the order the step runs: loss (the K-wise loss), model (a new RM from the SFT model), lora,
-cached_head and blocks (the three methods: blocks (`cached_blocks`: the top blocks' LoRA too, on cached states), evaluate
-(predictions, accuracy, calibration, ceilings), stage (notebook 03's stage: comparisons, then the chosen method).
+cached_head and blocks (the three methods), evaluate (predictions, accuracy, calibration, ceilings), stage
+(notebook 03's stage: comparisons collected, then the chosen method).
 """
 
 
