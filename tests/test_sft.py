@@ -236,6 +236,7 @@ def test_interrupted_sft_stage_resumes_and_cleans_up(tmp_path, bigbench_tasks, m
     from rlhf_lib import sft
     from rlhf_lib.data.study import build_data_stage
     from rlhf_lib.pipeline import RunPaths
+    from rlhf_lib.sft import train as sft_stage  # where run_sft_stage looks train_sft up
 
     cfg = load_preset("micro", {"sft.epochs": 2, "sft.ppo_init_epochs": 2})
     paths = RunPaths.for_config(cfg, tmp_path / "runs")
@@ -248,7 +249,7 @@ def test_interrupted_sft_stage_resumes_and_cleans_up(tmp_path, bigbench_tasks, m
             kwargs["callbacks"] = [_StopAfterFirstCheckpoint()]
         return real_train_sft(*args, **kwargs)
 
-    monkeypatch.setattr(sft, "train_sft", train_sft_stopping_in_ppo_init)
+    monkeypatch.setattr(sft_stage, "train_sft", train_sft_stopping_in_ppo_init)
     with pytest.raises(KeyboardInterrupt):
         sft.run_sft_stage(cfg, paths, progress=False)
     work = sft.sft_work_dir(paths)
@@ -263,7 +264,7 @@ def test_interrupted_sft_stage_resumes_and_cleans_up(tmp_path, bigbench_tasks, m
         started[Path(kwargs["checkpoint_dir"]).name] = first_step.started_at
         return result
 
-    monkeypatch.setattr(sft, "train_sft", train_sft_recording_first_step)
+    monkeypatch.setattr(sft_stage, "train_sft", train_sft_recording_first_step)
     stage = sft.run_sft_stage(cfg, paths, progress=False)
     assert paths.is_done("sft") and (stage / "policy" / "adapter_model.safetensors").exists()
     assert started["policy"] is None, "the finished policy was trained again"  # no optimizer step was left to run
