@@ -236,7 +236,7 @@ def test_interrupted_sft_stage_resumes_and_cleans_up(tmp_path, bigbench_tasks, m
     from rlhf_lib import sft
     from rlhf_lib.data.study import build_data_stage
     from rlhf_lib.pipeline import RunPaths
-    from rlhf_lib.sft import train as sft_stage  # where run_sft_stage looks train_sft up
+    from rlhf_lib.sft import stage as sft_stage  # where run_sft_stage looks train_sft up
 
     cfg = load_preset("micro", {"sft.epochs": 2, "sft.ppo_init_epochs": 2})
     paths = RunPaths.for_config(cfg, tmp_path / "runs")
