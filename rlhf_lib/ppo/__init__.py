@@ -7,7 +7,9 @@
     update      steps 7-8: PPO epochs over minibatches (+ the ptx term), per-group gradient clipping, EMA
     checkpoint  the resumable state of a run (weights, optimizer, EMA, counters)
     selection   the collapse guard and the choice of the exported checkpoint from validation points
-    trainer     `train_ppo` (the loop, step 9 and the logs) and `run_ppo_stage` (notebook 04, run_all)
+    outputs     what a run writes: metrics.csv, samples.jsonl, the tracker's curves; the exported policy and value
+    trainer     `train_ppo`: the loop, step 9, resuming, validation and the guards
+    stage       `run_ppo_stage`: PPO and PPO-ptx for notebook 04 and run_all
 
 Usage::
 
@@ -43,6 +45,7 @@ from rlhf_lib.ppo.core import (
     policy_loss,
     value_loss,
 )
+from rlhf_lib.ppo.outputs import METRIC_COLUMNS, RunLog, export_run
 from rlhf_lib.ppo.roles import PolicyValueRoles, RewardFn, build_roles, lm_loss, response_logits
 from rlhf_lib.ppo.rollout import (
     PretrainSampler,
@@ -62,16 +65,8 @@ from rlhf_lib.ppo.selection import (
     split_validation_prompts,
     validation_block_reason,
 )
-from rlhf_lib.ppo.trainer import (
-    METRIC_COLUMNS,
-    PPODivergence,
-    PPOResult,
-    RunLog,
-    export_run,
-    iteration_prompts,
-    run_ppo_stage,
-    train_ppo,
-)
+from rlhf_lib.ppo.stage import run_ppo_stage
+from rlhf_lib.ppo.trainer import PPODivergence, PPOResult, iteration_prompts, train_ppo
 from rlhf_lib.ppo.update import ADAM_EPS, EMA, build_optimizer, clip_gradients, ppo_update
 
 # Moved to rlhf_lib.evaluation.ppo_logs (they read a finished run's files; they do not train). Resolved on

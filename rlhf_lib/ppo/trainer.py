@@ -1,4 +1,4 @@
-"""PPO and PPO-ptx for RLHF, as in InstructGPT (Ouyang et al., 2022, appendix C.4): the training loop and the stage.
+"""PPO and PPO-ptx for RLHF, as in InstructGPT (Ouyang et al., 2022, appendix C.4): the training loop.
 
 Usage (the notebook 04_ppo does this for PPO and for PPO-ptx)::
 
@@ -46,11 +46,9 @@ reproduces the uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -59,12 +57,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lib import models
-from rlhf_lib.artifacts import read_meta, save_policy_dir, save_reward_dir
+from rlhf_lib.artifacts import read_meta, save_policy_dir
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.io import atomic_write_text
 from rlhf_lib.ppo.checkpoint import (
-    CHECKPOINT_PREFIX,
     TrainState,
     check_resumable,
     latest_checkpoint,
@@ -72,10 +68,10 @@ from rlhf_lib.ppo.checkpoint import (
     save_checkpoint,
 )
 from rlhf_lib.ppo.core import KLController, learning_rate_at
-from rlhf_lib.ppo.roles import PolicyValueRoles, RewardFn, build_roles
+from rlhf_lib.ppo.outputs import RunLog, export_run
+from rlhf_lib.ppo.roles import RewardFn, build_roles
 from rlhf_lib.ppo.rollout import (
     PretrainSampler,
-    Rollout,
     collect_rollout,
     distinct_fraction,
     effective_missing_eos_penalty,
@@ -84,11 +80,9 @@ from rlhf_lib.ppo.rollout import (
 from rlhf_lib.ppo.selection import (
     ValidationTracker,
     collapse_reason,
-    csv_float,
     split_validation_prompts,
 )
 from rlhf_lib.ppo.update import EMA, build_optimizer, ppo_update
-from rlhf_lib.tracking import Tracker, new_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +115,6 @@ class PPOResult:
     missing_eos_penalty: float = float("nan")  # in score units: the knob times the RM's sft_score_std
 
 
-METRIC_COLUMNS = (
-    "iteration", "episodes", "time_s", "episodes_per_s", "lr", "kl_beta",
-    "rm_score", "score", "reward", "kl", "entropy", "response_length", "distinct_fraction", "collapsed", "eos_rate",
-    "explained_variance", "value_mean",
-    "policy_loss", "value_loss", "ptx_loss", "loss", "approx_kl", "clip_frac", "value_clip_frac", "grad_norm",
-    "value_grad_norm", "train_entropy", "ratio_mean",
-)
-
-
 def iteration_prompts(prompts: Sequence[str], iteration: int, batch: int, seed: int) -> list[str]:
     """The `batch` prompts of iteration i (1-based): consecutive slices of seeded per-epoch permutations."""
     n = len(prompts)
@@ -146,88 +131,9 @@ def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
     return (seed * 1_000_003 + iteration * 9_176 + rank * 101) % (2**31)
 
 
-class RunLog:
-    """metrics.csv, samples.jsonl and the curves for `tracking.report_to` (TensorBoard: events in tensorboard/) of
-    a run; only the main process writes.
-
-    On resume, rows of iterations after the checkpoint are dropped first (and TensorBoard's events after it):
-    those iterations are redone.
-    """
-
-    def __init__(self, out_dir: Path, resume_from: int, enabled: bool, cfg: StudyConfig | None = None):
-        self.metrics, self.samples, self.tensorboard = out_dir / "metrics.csv", out_dir / "samples.jsonl", out_dir / "tensorboard"
-        self.enabled, self.writer = enabled, Tracker()
-        if enabled:
-            self._trim(resume_from)
-            if cfg is not None:
-                self.writer = new_tracker(cfg, out_dir.name, self.tensorboard, purge_step=resume_from + 1)
-
-    def _trim(self, keep_through: int) -> None:
-        if self.metrics.exists():
-            lines = self.metrics.read_text().splitlines(keepends=True)
-            atomic_write_text(self.metrics,
-                              "".join(lines[:1] + [x for x in lines[1:] if int(x.split(",", 1)[0]) <= keep_through]))
-        if self.samples.exists():
-            lines = self.samples.read_text().splitlines(keepends=True)
-            atomic_write_text(self.samples, "".join(x for x in lines if json.loads(x)["iteration"] <= keep_through))
-
-    def write(self, row: dict[str, float], rollout: Rollout, n_samples: int) -> None:
-        if not self.enabled:
-            return
-        new_file = not self.metrics.exists()
-        with self.metrics.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
-        with self.samples.open("a") as handle:
-            for i in range(min(n_samples, len(rollout))):
-                handle.write(json.dumps({
-                    "iteration": row["iteration"], "prompt": rollout.prompts[i], "response": rollout.responses[i],
-                    "score": rollout.scores[i].item(), "rm_score": rollout.rm_scores[i].item(),
-                    "kl": rollout.kl[i].sum().item(), "ended_with_eos": bool(rollout.ended_with_eos[i]),
-                }) + "\n")
-        self.writer.log({f"ppo/{key}": row[key] for key in METRIC_COLUMNS[1:]}, step=int(row["iteration"]))
-
-    def rows(self) -> list[dict[str, float]]:
-        if not self.metrics.exists():
-            return []
-        with self.metrics.open() as handle:
-            return [{k: csv_float(v) for k, v in r.items()} for r in csv.DictReader(handle)]
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 def _mean(history: list[dict[str, float]], key: str) -> float:
     values = [h[key] for h in history if not math.isnan(h[key])]
     return sum(values) / len(values) if values else float("nan")
-
-
-def export_run(
-    roles: PolicyValueRoles, ema: EMA | None, out_dir: Path, base_name: str, meta: dict, chosen_dir: Path | None = None
-) -> tuple[Path, Path]:
-    """Save the policy to evaluate and the value function.
-
-    policy/ is the chosen validation copy `chosen_dir` when given (its meta.json updated with `meta`), else
-    the last iterate (EMA weights when on). policy_last/ holds the raw last weights whenever policy/ is not them.
-    """
-    policy_dir, value_dir = out_dir / "policy", out_dir / "value"
-    if chosen_dir is not None:
-        with models.atomic_directory(policy_dir) as tmp:
-            shutil.copytree(chosen_dir, tmp, dirs_exist_ok=True)
-            saved = json.loads((tmp / "meta.json").read_text())
-            (tmp / "meta.json").write_text(json.dumps({**saved, **meta}, indent=1))  # tmp is published whole
-    elif ema is not None:
-        with ema.applied():
-            save_policy_dir(roles.model, "policy", policy_dir, base_name, **meta)
-    else:
-        save_policy_dir(roles.model, "policy", policy_dir, base_name, **meta)
-    if chosen_dir is not None or ema is not None:
-        save_policy_dir(roles.model, "policy", out_dir / "policy_last", base_name, **meta)
-    save_reward_dir(roles.model, "value", roles.value_head, value_dir, base_name, bias=0.0, role="value",
-                    layer=roles.value_layer, pooling="last")
-    return policy_dir, value_dir
 
 
 # ============================================================================================
@@ -437,39 +343,3 @@ def train_ppo(
                      samples_jsonl=log.samples, tensorboard_dir=log.tensorboard, iterations=state.iteration,
                      metrics=log.rows(), chosen_iteration=chosen, selection=selection, stop_reason=stop_reason,
                      validation_csv=tracker.csv if validation_prompts else None, missing_eos_penalty=eos_penalty)
-
-
-# ============================================================================================
-# The stage (notebook 04 and run_all)
-# ============================================================================================
-
-
-def run_ppo_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
-    """PPO and PPO-ptx from the PPO initialisation against the trained RM; cached per fingerprint.
-
-    Writes ppo/ and ppo_ptx/ (policy, value, metrics.csv, samples.jsonl, tensorboard/). Each run
-    trains in runs/<preset>/work-ppo-<fp>/ first, so an interrupted run resumes from its last
-    checkpoint; only finished runs are published.
-    """
-    from rlhf_lib.data.study import StudyData
-    from rlhf_lib.pipeline import cached_stage, is_main_process, wait_for_all_processes
-
-    data = StudyData.load(paths.require("data") / "study")
-    init_dir = paths.require("sft") / "ppo_init"
-    reward_dir = paths.require("reward") / "model"
-    prompts = list(data.split("ppo")["prompt"])
-    pretrain = list(data.pretrain["text"])
-    work = paths.root / f"work-ppo-{cfg.fingerprint('ppo')}"
-    with cached_stage(paths, "ppo") as stage:
-        if not stage.done:
-            for name, ptx in (("ppo", False), ("ppo_ptx", True)):
-                # Under torchrun/accelerate launch every process trains (accelerate DDP); the main one writes.
-                train_ppo(cfg, init_dir, reward_dir, prompts, pretrain, work / name, ptx=ptx,
-                          progress=progress, samples_per_iteration=cfg.ppo.rollout_batch)
-                if is_main_process():  # the chosen best-* copy is published as policy/
-                    shutil.copytree(work / name, stage.dir / name,
-                                    ignore=shutil.ignore_patterns(f"{CHECKPOINT_PREFIX}*", "best-*"))
-                wait_for_all_processes()
-    if is_main_process():
-        shutil.rmtree(work, ignore_errors=True)
-    return paths.stage("ppo")
