@@ -505,7 +505,7 @@ def test_cross_size_win_rates_use_one_baseline_and_one_prompt_set(analysed, tmp_
                         max_new_tokens=small_cfg.generation.max_new_tokens, temperature=0.0).texts
     assert mine["completion"].fillna("").tolist() == expected
     # Nothing changed: the saved table is reused without generating again.
-    import rlhf_lib.analysis.stage as cross_size  # where cross_size_win_rates looks _answer up
+    import rlhf_lib.analysis.cross_size as cross_size  # where cross_size_win_rates looks _answer up
 
     def refuse(*args, **kwargs):
         raise AssertionError("regenerated although no analysis changed")
