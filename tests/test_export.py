@@ -222,7 +222,7 @@ def exported(study, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", no_network)
         patch.setattr(socket, "create_connection", no_network)
-        patch.setattr(export, "push_to_hub", no_network)
+        patch.setattr(command, "push_to_hub", no_network)  # where main looks it up
         status = export.main(["--size", "micro", "--runs-dir", str(study.root.parent), "--out", str(out),
                               "--results-dir", str(results)])
     assert status == 0
