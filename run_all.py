@@ -531,7 +531,7 @@ def write_findings_files(args: argparse.Namespace, sizes: list[str]) -> None:
     """
     if "analysis" not in selected_stages(args):
         return
-    from rlhf_lib.findings import write_findings
+    from rlhf_lib.analysis import write_findings_and_figure
     from rlhf_lib.io import read_json
 
     for size in sizes:
@@ -539,7 +539,8 @@ def write_findings_files(args: argparse.Namespace, sizes: list[str]) -> None:
         if read_json(results / "metrics.json") is None:  # not analysed yet, or torn (warned): nothing to read
             continue
         _, paths = study_for(args, size)
-        print(f"Findings: {write_findings(results, reward_dir=paths.stage('reward') if paths.is_done('reward') else None)}")
+        written = write_findings_and_figure(results, paths.stage("reward") if paths.is_done("reward") else None)
+        print(f"Findings: {', '.join(map(str, written))}")
 
 
 def write_cross_size(args: argparse.Namespace, sizes: list[str]) -> None:

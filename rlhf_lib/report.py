@@ -443,6 +443,13 @@ def write_summary(results_dir: Path, sizes: list[str], command: str | None = Non
                      f"{m.get('finished_utc', '?')} | {m.get('decoding', '?')} |")
     for size in missing:
         lines.append(f"| {size} | no results (`{results_dir / size / 'metrics.json'}` missing or unreadable) | | | | |")
+    from rlhf_lib.analysis.tables import FINDINGS_FIGURE
+
+    figures = [size for size in found if (results_dir / size / FINDINGS_FIGURE).exists()]
+    if figures:
+        lines += ["", "Every finding at a glance (ours with its 95% interval, the paper's number as a red diamond; "
+                  "findings.json holds the numbers):", ""]
+        lines += [f"![{size}: findings]({size}/{FINDINGS_FIGURE})" for size in figures]
     if found:
         records = {size: _load_record(results_dir, size) for size in found}
         lines += ["", "## The paper's findings beside ours", "",

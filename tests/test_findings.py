@@ -477,6 +477,58 @@ def test_export_results_writes_findings_beside_the_tables(tmp_path):
     assert record["missing"] == [] and record["reward_stage_minutes"]["value"] == 1.5
     assert record["about"]["sources"]["rm_accuracy_train"] == "reward/predictions.csv"  # no absolute paths
     assert record["about"]["sources"]["win_rate_ppo_vs_sft"] == "analysis_win_rate.csv"
+    assert results / "fig_findings.png" in copied  # its forest plot, beside it
+
+
+def test_forest_plot_has_a_row_per_finding_with_an_interval(tmp_path):
+    import pandas as pd
+
+    from rlhf_lib.analysis import plot_findings
+
+    results = _toy_results(tmp_path / "tiny")
+    record = build_findings(results, n_resamples=200)
+    png = plot_findings(record, tmp_path / "fig_findings.png")
+    drawn = pd.read_csv(png.with_suffix(".csv"))
+    with_interval = [name for name, entry in record.items()
+                     if name not in ("missing", "about") and entry.get("low") is not None]
+    assert png.exists() and list(drawn["metric"]) == with_interval
+    assert "reward_stage_minutes" not in set(drawn["metric"])  # no interval, nothing to draw
+    assert (drawn["low"] <= drawn["value"]).all() and (drawn["value"] <= drawn["high"]).all()
+    papers = {name: entry.get("paper") for name, entry in record.items() if name in with_interval}
+    assert {m: None if pd.isna(x) else x for m, x in zip(drawn["metric"], drawn["paper"], strict=True)} == papers
+    assert plot_findings({"missing": [], "about": {}}, tmp_path / "none.png") is None
+
+
+def test_rm_reliability_diagram_gives_every_bin_a_wilson_interval(tmp_path):
+    import pandas as pd
+
+    from rlhf_lib.plots import plot_rm_reliability
+    from rlhf_lib.reward import calibration_table
+
+    predictions = pd.read_csv(_toy_results(tmp_path / "tiny") / "rm_predictions.csv")
+    table = calibration_table(predictions, bins=4)
+    png = plot_rm_reliability(table, tmp_path / "rm_reliability.png")
+    drawn = pd.read_csv(png.with_suffix(".csv"))
+    assert png.exists() and len(drawn) == len(table) and drawn["n"].sum() == len(predictions)
+    assert (drawn["ci_low"] <= drawn["observed"]).all() and (drawn["observed"] <= drawn["ci_high"]).all()
+    assert (drawn["ci_high"] > drawn["ci_low"]).all()  # Wilson: positive width even for a bin at 0/n or n/n
+    one_sided = pd.DataFrame({"predicted": [0.1, 0.9], "observed": [0.0, 1.0], "n": [5, 5]})
+    drawn = pd.read_csv(plot_rm_reliability(one_sided, tmp_path / "edge.png").with_suffix(".csv"))
+    assert drawn.loc[0, "ci_high"] > 0 and drawn.loc[1, "ci_low"] < 1
+
+
+def test_summary_opens_with_the_findings_figure_when_it_exists(tmp_path):
+    from rlhf_lib.analysis import write_findings_and_figure
+    from rlhf_lib.report import write_summary
+
+    results = _toy_results(tmp_path / "tiny")
+    text = write_summary(tmp_path, ["tiny"], command="python run_all.py").read_text()
+    assert "fig_findings.png" not in text  # nothing drawn yet: nothing linked
+    written = write_findings_and_figure(results)
+    assert [p.name for p in written] == ["findings.json", "fig_findings.png"]
+    text = write_summary(tmp_path, ["tiny"], command="python run_all.py").read_text()
+    assert "![tiny: findings](tiny/fig_findings.png)" in text
+    assert text.index("fig_findings.png") < text.index("## The paper's findings beside ours")
 
 
 def test_summary_renders_the_findings_with_n_beside_every_number(tmp_path):

@@ -130,3 +130,30 @@ def plot_rm_learning_curve(
         ax.set_title("Reward-model learning curve")
         _legend(ax, loc="lower right")
         return _save(fig, curve, out_path)
+
+
+def plot_rm_reliability(calibration: pd.DataFrame, out_path: str | os.PathLike[str]) -> Path:
+    """Reliability diagram of the RM (rlhf_lib.reward.calibration_table): in each bin of predicted P(preferred
+    completion wins) = sigmoid(score difference), how often it did win, with a Wilson 95% interval and n per bin.
+    A calibrated RM lies on the diagonal; points flatter than it mean the RM is over-confident."""
+    from rlhf_lib.evaluation.stats import wilson_interval
+
+    _require(calibration, ["predicted", "observed", "n"], "RM calibration")
+    data = calibration.copy()
+    bounds = [wilson_interval(observed * n, int(n)) for observed, n in zip(data["observed"], data["n"], strict=True)]
+    data["ci_low"], data["ci_high"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    with _style():
+        fig, (ax,) = _figure(width=4.6, height=4.2)
+        ax.plot([0, 1], [0, 1], linestyle="--", color="0.5", label="calibrated")
+        ax.errorbar(data["predicted"], data["observed"],
+                    yerr=[data["observed"] - data["ci_low"], data["ci_high"] - data["observed"]],
+                    fmt="o", color=_PALETTE[0], capsize=3, label="RM (95% Wilson interval)")
+        for x, y, n in zip(data["predicted"], data["observed"], data["n"], strict=True):
+            ax.annotate(f"n={int(n)}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("predicted P(preferred wins) = sigmoid(score difference)")
+        ax.set_ylabel("observed share the preferred one won")
+        ax.set_title(f"Reward-model calibration ({int(data['n'].sum())} held-out pairs)")
+        _legend(ax, loc="upper left")
+        return _save(fig, data, out_path)

@@ -76,6 +76,7 @@ def headline_metrics(tables: Mapping[str, pd.DataFrame], methods: Sequence[str])
 
 
 TEXT_COLUMNS = ("prompt", "completion", "answer", "prediction")
+FINDINGS_FIGURE = "fig_findings.png"  # the forest plot of findings.json, beside it in results/<size>/
 
 
 def load_tables(stage_dir: Path | str) -> dict[str, pd.DataFrame]:
@@ -114,8 +115,6 @@ def export_results(stage_dir: Path | str, results_dir: Path | str, reward_dir: P
     the findings fall back to results_dir's rm_predictions.csv and run_record.json, and list as missing
     whatever neither has.
     """
-    from rlhf_lib.findings import write_findings
-
     stage_dir, results_dir = Path(stage_dir), Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -124,8 +123,19 @@ def export_results(stage_dir: Path | str, results_dir: Path | str, reward_dir: P
             target = results_dir / ("analysis_" + path.name if path.suffix == ".csv" else path.name)
             atomic_copy_file(path, target)  # a reader (report.py, SUMMARY.md) never sees half a file
             copied.append(target)
-    copied.append(write_findings(results_dir, reward_dir=reward_dir))
+    copied += write_findings_and_figure(results_dir, reward_dir)
     return copied
+
+
+def write_findings_and_figure(results_dir: Path | str, reward_dir: Path | str | None = None) -> list[Path]:
+    """results_dir/findings.json (rlhf_lib.findings) and its forest plot, fig_findings.png (SUMMARY.md opens with it)."""
+    from rlhf_lib.analysis.findings_figure import plot_findings
+    from rlhf_lib.findings import load_findings, write_findings
+
+    written = [write_findings(results_dir, reward_dir=reward_dir)]
+    figure = plot_findings(load_findings(results_dir), Path(results_dir) / FINDINGS_FIGURE,
+                           title=f"{Path(results_dir).name}: ours (95% interval) beside the paper's; grey tick = no effect")
+    return written + ([figure] if figure is not None else [])
 
 
 def recheck_from_saved(cfg: StudyConfig, paths: RunPaths, results_dir: Path | str) -> pd.DataFrame:
