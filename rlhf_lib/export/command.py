@@ -1,40 +1,8 @@
-"""Export a finished study in the formats the RLHF ecosystem reads: transformers checkpoints, a datasets
-dataset, model cards, and (behind a flag) the Hugging Face Hub.
+"""The export command: `export_study` (every artifact of a finished study, each with its card), the Hub (only with
+--push-to-hub) and `main`.
 
     python -m rlhf_lib.export --size tiny --out exports/tiny
-    python -m rlhf_lib.export --size micro --runs-dir /tmp/runs --out /tmp/export   # runs/ as run_all.py's
     python -m rlhf_lib.export --size tiny --out exports/tiny --push-to-hub me/instructgpt-tiny  # off by default
-
-What DIR receives (each folder with a README.md model or dataset card):
-
-    sft/ ppo/ ppo_ptx/      the policies with their LoRA merged (`merge_and_unload`): plain
-                            `AutoModelForCausalLM.from_pretrained(DIR/sft)` and its tokenizer
-    reward_model/           the RM as `AutoModelForSequenceClassification`, when its form lets the standard class
-                            give our scores (see `reward_export_plan`); otherwise reward_model_rlhf_format/ (our
-                            own format, `RewardModel.load`) with a card that says why
-    comparisons/            the labelers' rankings: config `pairs` (prompt / chosen / rejected, TRL's preference
-                            format, one row per untied pair) and config `rankings` (the K-wise rankings), as
-                            `save_to_disk` folders under arrow/ and as JSONL
-    export.json             what was exported, refused or skipped, and why
-
-The reward model. Ours scores head(pooled hidden state of block `layer`) + head bias - normalisation bias.
-A standard `*ForSequenceClassification` scores `score(final_norm(last block))` at the last non-pad token, with
-no bias. So:
-- last-token pooling at the final layer (the study's hidden_states[-1] is after the final norm): the head
-  becomes `score`; the constant (head bias - normalisation bias) has no place in the class and is written to
-  config.json as `rlhf_score_offset`: logits + offset = our score; differences between answers are equal as is.
-- last-token pooling at an earlier block L (hidden_states[L]: block L's output, no norm): a Llama body cut to
-  L blocks, widened by n_heads residual coordinates, the last of which block L's MLP bias sets to a large constant C. The final
-  RMSNorm then divides by ~C/sqrt(d+1) whatever the other coordinates hold, and its weights undo that: it
-  passes block L's state through unchanged (to float32 rounding) and outputs 1 in the extra coordinate, where
-  `score` keeps the bias. Logits equal our score, bias included. Float32 only (C overflows float16).
-- mean pooling over response tokens: no standard class averages over a span it cannot see; refused, with
-  our format copied and a card that says what to do.
-
-Scoring text with the exported RM: the same text as the study's RM reads (`reward_text`): the prompt in the
-study's format, the answer, and EOS only when the answer ended with one (a truncated answer gets none);
-tokenised with add_special_tokens=False, padded on the RIGHT (positions then count from each row's start,
-as ours do), cut from the left at `model_max_length`. The exported tokenizer is set up that way.
 """
 
 
@@ -136,8 +104,12 @@ def push_exports(report: dict[str, Any], prefix: str, private: bool = True, prog
     return repos
 
 
+DESCRIPTION = ("Export a finished study in the formats the RLHF ecosystem reads: transformers checkpoints, a datasets\n"
+               "dataset, model cards, and (behind a flag) the Hugging Face Hub.")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_lib.export", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m rlhf_lib.export", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="tiny", help="preset whose finished study is exported (default: tiny)")
     parser.add_argument("--out", required=True, help="folder to write the exports into")

@@ -1,23 +1,4 @@
-"""Building results/<size>/findings.json, the one machine-readable record of this study's findings.
-
-One JSON object: metric name -> entry, plus two reserved keys, "missing" (metric names that could not
-be computed from the files present, e.g. the PPO metrics when PPO did not run; never invented) and
-"about" (preset, seed, which file each metric came from, why each missing one is missing)::
-
-    {"rm_accuracy_heldout": {"value": 54.8, "low": 38.1, "high": 70.2, "n": 8, "unit": "percent",
-                             "higher_is_better": true, "paper": 69.6, "verdict": "inconclusive", ...},
-     ...,
-     "missing": ["win_rate_ppo_ptx_vs_sft"], "about": {...}}
-
-Every entry has value, low, high (a 95% interval, never of zero width), n (the independent units that
-interval resampled: prompts or questions), unit and higher_is_better (None: neither direction is
-better). Entries with a paper claim (rlhf_lib.paper.CLAIMS) add paper (None for a direction-only claim),
-paper_ref, no_effect, paper_side and verdict: "agrees" only when the interval lies on the paper's side of
-no effect, "disagrees" on the other side, else "inconclusive". A number the study sets itself (labeler
-agreement, calibrated to the paper's) has the verdict "fixed by design" and says how in by_design. A
-quantity with no sampling uncertainty (a stage's wall-clock time) has low = high = None and says why in
-no_interval_reason. Rates are in percent; differences between two methods (`<quantity>_<method>_minus_
-<baseline>`) in points, from a paired bootstrap over the items both answered (rlhf_lib.evaluation.stats).
+"""Building results/<size>/findings.json (its format: rlhf_lib.findings.record).
 
 Built from the files of results/<size>/ (what a reader of the rendered study has) and the reward stage::
 

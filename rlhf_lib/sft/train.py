@@ -1,23 +1,10 @@
-"""Step 1 of InstructGPT: supervised fine-tuning on human-written demonstrations (TRL's SFTTrainer).
-
-Loss is on the response tokens only (prompt-completion data, `completion_only_loss`); LoRA adapters
-by default, QLoRA when the preset sets `model.quantize_4bit`, full fine-tuning with
-`model.finetune = "full"`. Cosine decay to `sft.min_lr_ratio` of the peak LR, Adam betas
-(0.9, 0.95) as in the paper. Two products, as in the paper:
-
-- the SFT policy: `sft.epochs` epochs, the epoch checkpoint with the best validation criterion;
-- the PPO initialisation: `sft.ppo_init_epochs` epochs with `sft.ppo_init_pretrain_mix` of
-  pretraining text mixed in.
+"""Supervised fine-tuning itself: demonstrations as a prompt-completion dataset, TRL's arguments, `train_sft`.
 
     from rlhf_lib.sft import train_sft, load_policy
     result = train_sft(cfg, demos, val_demos, out_dir)      # demos: [(prompt, response), ...]
     model, tokenizer = load_policy(result.adapter_dir)
 
-An interrupted training resumes: the Trainer's epoch checkpoints are kept in a work folder
-(`checkpoint_dir`; the stage's is runs/<preset>/work-sft-<fingerprint>/, outside the partial stage
-directory that a later run removes), each marked complete only once every file of it is on disk, and a
-rerun continues from the newest complete one. A checkpoint cut off while being written is skipped with a
-warning (the previous one, or a fresh start, is used instead).
+An interrupted training resumes from its work folder's newest complete checkpoint (rlhf_lib.sft.checkpoints).
 """
 
 from __future__ import annotations
