@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from rlhf_lib.analysis.figures import _save, _style
 
@@ -52,8 +53,10 @@ def plot_findings(findings: Mapping[str, Any], out_path: str | os.PathLike[str],
     units = list(dict.fromkeys(frame["unit"]))
     heights = [max(1, int((frame["unit"] == unit).sum())) for unit in units]
     with _style():
-        fig, axes = plt.subplots(len(units), 1, figsize=(8.0, 1.0 + 0.32 * sum(heights) + 0.6 * len(units)),
-                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
+        # On a Figure, not pyplot (as every figure: rlhf_lib.analysis.figures), so no open figure is left behind.
+        fig = Figure(figsize=(8.0, 1.0 + 0.32 * sum(heights) + 0.6 * len(units)))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(units), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)
         shown: set[str] = set()
         for ax, unit in zip(axes[:, 0], units, strict=True):
             part = frame[frame["unit"] == unit].reset_index(drop=True)
