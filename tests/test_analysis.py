@@ -325,8 +325,8 @@ def test_dpo_trains_one_step_from_sft_and_saves_a_loadable_adapter(tmp_path):
     dpo, tokenizer = load_policy(result.policy_dir)
     sft, _ = load_policy(sft_dir)
     batch = tokenizer([format_prompt(tokenizer, "Name a colour.") + "Red."], return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        change = (dpo(**batch).logits - sft(**batch).logits).abs().max().item()
+    with torch.no_grad():  # each policy on its own device (cuda when present)
+        change = (dpo(**batch.to(dpo.device)).logits.cpu() - sft(**batch.to(sft.device)).logits.cpu()).abs().max().item()
     assert change > 1e-4, "one DPO step at lr 1e-2 must move the policy away from SFT"
     assert not (result.policy_dir / "ref").exists()  # TRL's frozen reference copy is not saved
 

