@@ -103,16 +103,14 @@ from rlhf_lib.reward.stage import (
 )
 
 __all__ = [
-    "cached_predictions", "scored_texts", "sft_score_std",
     "BlockFit", "COMPARISON_SETS", "CachedHeadResult", "FeatureTable", "HeadFit", "LEARNING_CURVE_FRACTIONS",
     "METHODS", "RankedUnit", "RewardModel", "RewardTrainResult", "StateTable", "accuracy_ceilings",
-    "accuracy_table", "build_feature_table", "build_state_table", "calibration_table", "check_slices",
-    "collect_comparisons", "comparison_predictions", "comparison_summary", "comparison_texts",
+    "accuracy_table", "build_feature_table", "build_state_table", "cached_predictions", "calibration_table",
+    "check_slices", "collect_comparisons", "comparison_predictions", "comparison_summary", "comparison_texts",
     "decoder_slice", "evaluate_units", "first_trained_block", "fit_head", "head_from_fit", "kwise_loss",
-    "kwise_loss_of_units", "layer_index", "learning_curve", "load_comparisons", "log_histories",
-    "new_reward_model", "pair_accuracy_of_units", "pairwise_accuracy", "pooled_final",
-    "preference_pair_predictions", "ranked_pairs", "ranked_units", "run_reward_stage", "run_slice",
-    "scores_of_rows", "split_prompt_ids", "start_head", "train_blocks", "train_cached_blocks_rms",
-    "train_cached_head", "train_cached_head_rms", "train_lora_rms", "train_reward_model",
-    "trainable_block_parameters",
+    "kwise_loss_of_units", "layer_index", "learning_curve", "load_comparisons", "log_histories", "new_reward_model",
+    "pair_accuracy_of_units", "pairwise_accuracy", "pooled_final", "preference_pair_predictions", "ranked_pairs",
+    "ranked_units", "run_reward_stage", "run_slice", "scored_texts", "scores_of_rows", "sft_score_std",
+    "split_prompt_ids", "start_head", "train_blocks", "train_cached_blocks_rms", "train_cached_head",
+    "train_cached_head_rms", "train_lora_rms", "train_reward_model", "trainable_block_parameters",
 ]

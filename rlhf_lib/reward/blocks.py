@@ -1,6 +1,6 @@
 """The reward model's middle path on a CPU: train the top blocks on cached states.
 
-    # configs/<preset>.toml              rlhf_lib.reward_stage.run_reward_stage dispatches on reward.method
+    # configs/<preset>.toml              rlhf_lib.reward.stage.run_reward_stage dispatches on reward.method
     [reward]
     method = "cached_blocks"
     train_blocks = 2
