@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from rlhf_lib import models
 from rlhf_lib.artifacts import RewardModel
+from rlhf_lib.config import RewardConfig, StudyConfig
 from rlhf_lib.reward.cached_head import (
     FeatureTable,
     RankedUnit,
@@ -49,6 +50,9 @@ from rlhf_lib.reward.cached_head import (
     split_prompt_ids,
 )
 from rlhf_lib.reward.model import _add_meta, new_reward_model
+
+if TYPE_CHECKING:
+    from rlhf_lib.pipeline import RunPaths
 
 # --------------------------------------------------------------------------------------------
 # A slice of the decoder that shares the model's weights
@@ -216,7 +220,8 @@ def evaluate_units(upper: nn.Module, head: nn.Module, table: StateTable, units: 
 
 
 def train_blocks(upper: nn.Module, head: nn.Module, table: StateTable, fit_units: Sequence[RankedUnit],
-                 val_units: Sequence[RankedUnit], rc, seed: int, progress: bool = False) -> BlockFit:
+                 val_units: Sequence[RankedUnit], rc: RewardConfig, seed: int, progress: bool = False
+                 ) -> BlockFit:
     """Train the sliced blocks' LoRA and the head with the K-wise loss (`rc.batch_prompts` rankings per step, each
     with all its pairs); after every epoch measure the validation loss, keep the best state, stop after
     `rc.block_patience` epochs without improvement. Epoch 0 is the starting point (the head-only RM). Without
@@ -257,8 +262,8 @@ def train_blocks(upper: nn.Module, head: nn.Module, table: StateTable, fit_units
     return BlockFit(pd.DataFrame(history), best[1], best[0], best[3])
 
 
-def start_head(features: torch.Tensor, fit_units: Sequence[RankedUnit], val_units: Sequence[RankedUnit], rc,
-               seed: int, mode: str = "kwise") -> tuple[Any, float, pd.DataFrame]:
+def start_head(features: torch.Tensor, fit_units: Sequence[RankedUnit], val_units: Sequence[RankedUnit],
+               rc: RewardConfig, seed: int, mode: str = "kwise") -> tuple[Any, float, pd.DataFrame]:
     """The head-only RM on frozen final-layer features: each L2 strength fitted on `fit_units`, early-stopped and
     chosen on `val_units`. Returns (HeadFit, its L2 strength, one row per strength)."""
     fits = {decay: fit_head(features, fit_units, val_units, weight_decay=decay, learning_rate=rc.head_learning_rate,
@@ -276,8 +281,8 @@ def start_head(features: torch.Tensor, fit_units: Sequence[RankedUnit], val_unit
 # --------------------------------------------------------------------------------------------
 
 
-def train_cached_blocks_rms(cfg, paths, tables: Mapping[str, list[dict]], out_dir: Path, progress: bool
-                            ) -> tuple[dict[str, Any], pd.DataFrame]:
+def train_cached_blocks_rms(cfg: StudyConfig, paths: RunPaths, tables: Mapping[str, list[dict]],
+                            out_dir: Path, progress: bool) -> tuple[dict[str, Any], pd.DataFrame]:
     """Cache the lower blocks' states once; fit the head-only start and the shuffled-pairs ablation on the frozen
     final features; train the top blocks and the head K-wise; save both RMs and every prediction.
     Returns (timings, predictions) like the other methods."""

@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -17,10 +17,14 @@ import torch.nn.functional as F
 
 from rlhf_lib import models
 from rlhf_lib.artifacts import RewardModel  # RewardModel re-exported: its old path
-from rlhf_lib.config import StudyConfig
+from rlhf_lib.config import RewardConfig, StudyConfig
 from rlhf_lib.reward.evaluate import COMPARISON_SETS, _prediction_rows, preference_pair_predictions
 from rlhf_lib.reward.loss import ranked_pairs
 from rlhf_lib.reward.model import _add_meta, layer_index, new_reward_model
+
+if TYPE_CHECKING:
+    from rlhf_lib.data.study import StudyData
+    from rlhf_lib.pipeline import RunPaths
 
 # --------------------------------------------------------------------------------------------
 # The cheap path: the frozen SFT model runs once per completion, the head is fitted on its features
@@ -232,7 +236,8 @@ class CachedHeadResult:
 
 
 def train_cached_head(
-    features: Mapping[int, torch.Tensor], units: Sequence[RankedUnit], rc, seed: int, mode: str = "kwise"
+    features: Mapping[int, torch.Tensor], units: Sequence[RankedUnit], rc: RewardConfig, seed: int,
+    mode: str = "kwise"
 ) -> CachedHeadResult:
     """Choose the layer, L2 strength and epoch count on a validation split of the training prompts (lowest
     K-wise validation loss), then refit on all training prompts. `features`: layer index -> [N, H]."""
@@ -261,7 +266,7 @@ def train_cached_head(
 LEARNING_CURVE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
-def scored_texts(data, tables: Mapping[str, list[dict]]) -> tuple[list, list[dict], list, list]:
+def scored_texts(data: StudyData, tables: Mapping[str, list[dict]]) -> tuple[list, list[dict], list, list]:
     """What a cached RM method scores: (demonstrations, HHH pairs, the HHH texts, every text to cache), where
     texts are (prompt, response, ended) and the demonstrations set the bias (they score a mean of 0)."""
     demos = [(r["prompt"], r["reference"], True) for r in data.split("sft")]
@@ -293,7 +298,7 @@ def cached_predictions(scores: torch.Tensor, keys: Mapping, tables: Mapping[str,
 
 
 def train_cached_head_rms(
-    cfg: StudyConfig, paths, tables: dict[str, list[dict]], out_dir: Path, progress: bool
+    cfg: StudyConfig, paths: RunPaths, tables: dict[str, list[dict]], out_dir: Path, progress: bool
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """The CPU path: features from the frozen SFT model once, then the K-wise head, the shuffled-pairs
     ablation and a learning curve, all on those features. Returns (timings, predictions)."""

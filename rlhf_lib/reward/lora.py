@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,9 @@ from rlhf_lib.config import StudyConfig
 from rlhf_lib.reward.evaluate import COMPARISON_SETS, comparison_predictions, preference_pair_predictions
 from rlhf_lib.reward.loss import kwise_loss, ranked_pairs
 from rlhf_lib.reward.model import _add_meta, new_reward_model
+
+if TYPE_CHECKING:
+    from rlhf_lib.pipeline import RunPaths
 
 # --------------------------------------------------------------------------------------------
 # Training
@@ -145,7 +149,7 @@ def train_reward_model(
 
 
 
-def train_lora_rms(cfg: StudyConfig, paths, tables: dict[str, list[dict]], out_dir: Path, progress: bool) -> tuple[dict[str, float], pd.DataFrame]:
+def train_lora_rms(cfg: StudyConfig, paths: RunPaths, tables: dict[str, list[dict]], out_dir: Path, progress: bool) -> tuple[dict[str, float], pd.DataFrame]:
     """The GPU path: LoRA on the SFT model + head, end to end, K-wise and the shuffled-pairs ablation."""
     from rlhf_lib.data.study import StudyData
 

@@ -14,6 +14,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -23,11 +24,14 @@ from rlhf_lib.reward.cached_head import train_cached_head_rms
 from rlhf_lib.reward.lora import train_lora_rms
 from rlhf_lib.tracking import open_tracker
 
+if TYPE_CHECKING:
+    from rlhf_lib.pipeline import RunPaths
+
 # reward.method -> (cfg, paths, comparison tables, stage dir, progress) -> (timings, predictions)
 METHODS = {"lora": train_lora_rms, "cached_head": train_cached_head_rms, "cached_blocks": train_cached_blocks_rms}
 
 
-def collect_comparisons(cfg: StudyConfig, paths, work: Path, out_dir: Path, progress: bool = True) -> dict[str, list[dict]]:
+def collect_comparisons(cfg: StudyConfig, paths: RunPaths, work: Path, out_dir: Path, progress: bool = True) -> dict[str, list[dict]]:
     """Sample K completions per RM prompt, calibrate the labelers on them, and rank them.
 
     Training prompts are ranked by training labelers; held-out prompts (never trained on) by training AND by
@@ -74,7 +78,7 @@ def collect_comparisons(cfg: StudyConfig, paths, work: Path, out_dir: Path, prog
     return tables
 
 
-def run_reward_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
+def run_reward_stage(cfg: StudyConfig, paths: RunPaths, progress: bool = True) -> Path:
     """Collect K-wise comparisons, calibrate the labelers, train the RM (and the shuffled-pairs ablation)
     by `reward.method`, and save every prediction needed to recompute its accuracies. Cached per fingerprint.
 
