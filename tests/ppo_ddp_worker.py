@@ -31,6 +31,8 @@ def checksum(named: dict[str, torch.Tensor]) -> torch.Tensor:
 def main() -> None:
     artifacts, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
+    # CPU gloo on purpose (the test is about DDP on CPUs); the test hides CUDA from us, since with a GPU visible
+    # accelerate's CPU barrier still names one device per rank ('invalid device ordinal' on rank 1).
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     cfg = load_preset("micro", {"ppo.iterations": 1, "ppo.rollout_batch": 4, "ppo.minibatch": 2, "ppo.ppo_epochs": 1,

@@ -276,11 +276,13 @@ def test_iteration_prompts_cover_every_prompt_once_per_epoch():
 
 
 def test_recomputed_logprobs_use_the_rollout_temperature(artifacts, micro_tokenizer):
-    cfg = micro_cfg(**{"generation.temperature": 0.7})
+    # float32: sampling (cached decoding) and one full forward then agree well inside 1e-4; bf16, a GPU's "auto"
+    # dtype, rounds the two paths apart by more than that.
+    cfg = micro_cfg(**{"generation.temperature": 0.7, "model.dtype": "float32"})
     roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm", need_reward=False)
     texts = [format_prompt(tokenizer, p) for p in PROMPTS[:2]] + [format_prompt(tokenizer, "Hi")]  # ragged: left padding
     with roles.role("policy") as policy:
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
         torch.manual_seed(0)
         out = policy.generate(**encoded, max_new_tokens=4, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
                               output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
@@ -459,6 +461,7 @@ def test_in_model_rm_score_is_the_reward_stage_definition(artifacts):
     """PPO's in-model score (shared base) equals rlhf_lib.reward's text score on the same tokens."""
     from rlhf_lib.reward import RewardModel
 
+    # CPU on purpose: both sides score with this one RM, so its device is not under test; CPU keeps it float32.
     rm = RewardModel.load(artifacts / "rm", device="cpu")
     prompts, responses = ["Hi", "Tell me a much longer story about a dragon and a cat."], ["Hello!", "Once upon a time."]
     batch = rm.encode(prompts, responses)
@@ -797,7 +800,8 @@ def test_value_starts_as_the_normalised_rm(artifacts):
     cfg = micro_cfg()
     roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm")
     tokenizer.padding_side = "left"
-    enc = tokenizer(["Hello there", "A longer text about rivers"], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(["Hello there", "A longer text about rivers"], return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(next(roles.parameters()).device)
     with torch.no_grad():
         with roles.role("value") as model:
             values = score_token_ids(model, roles.value_head, enc["input_ids"], enc["attention_mask"])
