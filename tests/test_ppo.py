@@ -351,7 +351,10 @@ def test_reference_is_the_bare_base_without_an_sft_adapter(artifacts):
 
 @pytest.fixture()
 def micro_roles(artifacts):
-    cfg = micro_cfg()
+    # float32 on every device: these tests compare one forward with another of other batch shapes (ratio 1 on the
+    # first minibatch, micro-batch gradient sums, a monotone loss) at float32 precision; bf16, a GPU's "auto"
+    # dtype, rounds such forwards apart by ~1e-2.
+    cfg = micro_cfg(**{"model.dtype": "float32"})
     roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm")
     rollout = collect_rollout(roles, tokenizer, PROMPTS[:4], cfg, kl_beta=0.02, seed=0)
     return cfg, roles, tokenizer, rollout

@@ -28,6 +28,7 @@ def test_only_response_tokens_carry_loss(micro_tokenizer):
     from rlhf_lib import models
 
     dataset = demonstrations_dataset(micro_tokenizer, PAIRS[:1])
+    # CPU on purpose: only the data collator runs here (no forward), so the device is not under test.
     args = SFTConfig(output_dir="/tmp/unused", report_to="none", use_cpu=True, bf16=False, completion_only_loss=True)
     trainer = SFTTrainer(model=models.load_causal_lm("micro"), args=args, train_dataset=dataset,
                          processing_class=micro_tokenizer)
@@ -183,7 +184,8 @@ def _interrupted_then_resumed(tmp_path, cfg, stop_at: int, tear=None):
 
 def test_interrupted_sft_resumes_from_its_last_checkpoint(tmp_path, capsys):
     # Dropout on, so the resumed run only matches if the Trainer's RNG state is restored as well.
-    cfg = _cfg(**{"sft.epochs": 4, "sft.residual_dropout": 0.1})
+    # float32 on every device, so that the tolerance below means "last bits"; bf16 (a GPU's "auto") would not.
+    cfg = _cfg(**{"sft.epochs": 4, "sft.residual_dropout": 0.1, "model.dtype": "float32"})
     whole = train_sft(cfg, PAIRS, PAIRS[2:], tmp_path / "whole", progress=False, checkpoint_dir=tmp_path / "whole_ckpt")
     # One optimizer step per epoch here (4 rows, batch 4): stopping at the end of step 3 leaves checkpoint-2.
     resumed, started_at = _interrupted_then_resumed(tmp_path, cfg, stop_at=3)
