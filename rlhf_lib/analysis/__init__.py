@@ -55,7 +55,6 @@ from rlhf_lib.analysis.preference import BASELINE, EXTRA_BASELINES
 from rlhf_lib.analysis.reward_model import RM_SET_NAMES, rm_predictions_with_short_sets
 from rlhf_lib.analysis.stage import run_analysis_stage
 from rlhf_lib.analysis.tables import (
-    FINDINGS_FIGURE,
     TABLES,
     TEXT_COLUMNS,
     export_results,
@@ -67,7 +66,7 @@ from rlhf_lib.analysis.tables import (
 )
 
 __all__ = [
-    "FINDINGS_FIGURE", "plot_findings", "write_findings_and_figure",
+    "plot_findings", "write_findings_and_figure",
     "ALIGNMENT_TAX_METHODS", "BASELINE", "CROSS_SIZE_GENERATIONS", "CROSS_SIZE_KEY", "CROSS_SIZE_METHODS",
     "CROSS_SIZE_TABLE", "EXTRA_BASELINES", "LM_LOSS_BATCH", "LM_LOSS_MAX_TOKENS", "PPO_RUNS", "RM_SET_NAMES",
     "SQUAD_MAX_NEW_TOKENS", "TABLES", "TEXT_COLUMNS", "TOXICITY_METHODS", "TRUTHFULQA_METHODS", "Availability",

@@ -76,7 +76,6 @@ def headline_metrics(tables: Mapping[str, pd.DataFrame], methods: Sequence[str])
 
 
 TEXT_COLUMNS = ("prompt", "completion", "answer", "prediction")
-FINDINGS_FIGURE = "fig_findings.png"  # the forest plot of findings.json, beside it in results/<size>/
 
 
 def load_tables(stage_dir: Path | str) -> dict[str, pd.DataFrame]:
@@ -130,7 +129,7 @@ def export_results(stage_dir: Path | str, results_dir: Path | str, reward_dir: P
 def write_findings_and_figure(results_dir: Path | str, reward_dir: Path | str | None = None) -> list[Path]:
     """results_dir/findings.json (rlhf_lib.findings) and its forest plot, fig_findings.png (SUMMARY.md opens with it)."""
     from rlhf_lib.analysis.findings_figure import plot_findings
-    from rlhf_lib.findings import load_findings, write_findings
+    from rlhf_lib.findings import FINDINGS_FIGURE, load_findings, write_findings
 
     written = [write_findings(results_dir, reward_dir=reward_dir)]
     figure = plot_findings(load_findings(results_dir), Path(results_dir) / FINDINGS_FIGURE,

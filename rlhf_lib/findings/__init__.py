@@ -14,6 +14,7 @@ Modules, in the order a finding is made:
 from rlhf_lib.findings.build import build_findings, write_findings
 from rlhf_lib.findings.record import (
     ALL_VERDICTS,
+    FINDINGS_FIGURE,
     FINDINGS_FILE,
     FIXED_BY_DESIGN,
     REQUIRED_KEYS,
@@ -26,7 +27,7 @@ from rlhf_lib.findings.record import (
 from rlhf_lib.findings.specs import DEFAULT_RESAMPLES, PAIRED, PAIRED_SOURCES, SPECS, paired_name
 
 __all__ = [
-    "ALL_VERDICTS", "DEFAULT_RESAMPLES", "FINDINGS_FILE", "FIXED_BY_DESIGN", "PAIRED", "PAIRED_SOURCES",
+    "ALL_VERDICTS", "DEFAULT_RESAMPLES", "FINDINGS_FIGURE", "FINDINGS_FILE", "FIXED_BY_DESIGN", "PAIRED", "PAIRED_SOURCES",
     "REQUIRED_KEYS", "RESERVED", "SPECS", "build_findings", "findings_table", "format_entry", "load_findings",
     "paired_name", "validate_findings", "write_findings",
 ]

@@ -37,6 +37,7 @@ from rlhf_lib import paper
 from rlhf_lib.evaluation.stats import VERDICTS, verdict
 
 FINDINGS_FILE = "findings.json"
+FINDINGS_FIGURE = "fig_findings.png"  # its forest plot (rlhf_lib.analysis.findings_figure), beside it
 RESERVED = ("missing", "about")
 REQUIRED_KEYS = ("value", "low", "high", "n", "unit", "higher_is_better")
 FIXED_BY_DESIGN = "fixed by design"  # a verdict for quantities the study sets itself (DESIGN.md)

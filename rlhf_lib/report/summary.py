@@ -141,7 +141,7 @@ def write_summary(results_dir: Path, sizes: list[str], command: str | None = Non
                      f"{m.get('finished_utc', '?')} | {m.get('decoding', '?')} |")
     for size in missing:
         lines.append(f"| {size} | no results (`{results_dir / size / 'metrics.json'}` missing or unreadable) | | | | |")
-    from rlhf_lib.analysis.tables import FINDINGS_FIGURE
+    from rlhf_lib.findings import FINDINGS_FIGURE
 
     figures = [size for size in found if (results_dir / size / FINDINGS_FIGURE).exists()]
     if figures:
