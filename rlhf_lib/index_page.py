@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import html
-import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rlhf_lib.config import PRESETS
+from rlhf_lib.findings import RESERVED, format_entry, format_number
 from rlhf_lib.io import atomic_write_text, read_json
 
 INDEX_FILE = "index.html"
 # Records worth a link when present, in the order a reader wants them.
 RECORD_FILES = ("RUN.md", "run_record.json", "findings.json", "metrics.json", "run_all.log")
-RESERVED_FINDINGS_KEYS = ("missing", "about")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
@@ -47,27 +46,20 @@ def results_sizes(results_dir: Path) -> list[str]:
     return sorted(found, key=lambda s: (PRESETS.index(s) if s in PRESETS else len(PRESETS), s))
 
 
-def _number(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return "" if value is None else html.escape(str(value))
-    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
-
-
 def findings_rows(findings: dict[str, Any]) -> list[dict[str, str]]:
-    """One row per finding: metric, value [low, high], n (with its unit), the paper's number, verdict."""
+    """One row per finding: metric, value [low, high] with its unit, n (with its unit), the paper's number, verdict;
+    numbers formatted as SUMMARY.md formats them (rlhf_lib.findings.format_entry)."""
     rows = []
     for name, entry in findings.items():
-        if name in RESERVED_FINDINGS_KEYS or not isinstance(entry, dict):
+        if name in RESERVED or not isinstance(entry, dict) or "value" not in entry or "unit" not in entry:
             continue
-        interval = ""
-        if entry.get("low") is not None and entry.get("high") is not None:
-            interval = f" [{_number(entry['low'])}, {_number(entry['high'])}]"
+        paper = entry.get("paper")
         rows.append({
             "metric": name,
             "description": str(entry.get("description", "")),
-            "value": f"{_number(entry.get('value'))}{interval} {entry.get('unit', '')}".strip(),
+            "value": f"{format_entry(entry)} {entry['unit']}",
             "n": f"{entry.get('n', '')} {entry.get('n_unit', '')}".strip(),
-            "paper": _number(entry.get("paper")),
+            "paper": format_number(paper, entry["unit"]) if isinstance(paper, int | float) else "",
             "verdict": str(entry.get("verdict", "")),
         })
     return rows
@@ -110,7 +102,7 @@ def size_section(results_dir: Path, size: str) -> list[str]:
         for row in findings_rows(findings):
             lines.append(f'<tr><td title="{html.escape(row["description"], quote=True)}">{html.escape(row["metric"])}'
                          f'</td><td>{html.escape(row["value"])}</td><td>{html.escape(row["n"])}</td>'
-                         f'<td>{row["paper"]}</td><td class="{html.escape(row["verdict"], quote=True)}">'
+                         f'<td>{html.escape(row["paper"])}</td><td class="{html.escape(row["verdict"], quote=True)}">'
                          f'{html.escape(row["verdict"])}</td></tr>')
         lines.append("</table>")
         missing = findings.get("missing") or []

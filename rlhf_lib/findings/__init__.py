@@ -21,6 +21,7 @@ from rlhf_lib.findings.record import (
     RESERVED,
     findings_table,
     format_entry,
+    format_number,
     load_findings,
     validate_findings,
 )
@@ -28,6 +29,6 @@ from rlhf_lib.findings.specs import DEFAULT_RESAMPLES, PAIRED, PAIRED_SOURCES, S
 
 __all__ = [
     "ALL_VERDICTS", "DEFAULT_RESAMPLES", "FINDINGS_FIGURE", "FINDINGS_FILE", "FIXED_BY_DESIGN", "PAIRED", "PAIRED_SOURCES",
-    "REQUIRED_KEYS", "RESERVED", "SPECS", "build_findings", "findings_table", "format_entry", "load_findings",
+    "REQUIRED_KEYS", "RESERVED", "SPECS", "build_findings", "findings_table", "format_entry", "format_number", "load_findings",
     "paired_name", "validate_findings", "write_findings",
 ]

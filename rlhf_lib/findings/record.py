@@ -138,15 +138,16 @@ def validate_findings(obj: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _number(x: float, unit: str) -> str:
+def format_number(x: float, unit: str) -> str:
+    """A finding's number as every table shows it: two decimals for ratios, one for everything else."""
     return f"{x:.2f}" if unit.startswith("ratio") else f"{x:.1f}"
 
 
 def format_entry(entry: Mapping[str, Any]) -> str:
     """`54.8 [38.1, 70.2]`, or the value alone when it has no interval."""
-    text = _number(entry["value"], entry["unit"])
+    text = format_number(entry["value"], entry["unit"])
     if entry.get("low") is not None and entry.get("high") is not None:
-        text += f" [{_number(entry['low'], entry['unit'])}, {_number(entry['high'], entry['unit'])}]"
+        text += f" [{format_number(entry['low'], entry['unit'])}, {format_number(entry['high'], entry['unit'])}]"
     return text
 
 
