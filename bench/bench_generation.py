@@ -1,19 +1,21 @@
-"""Sampling speed: the study's sampler (rlhf_lib.generation.sample_texts) against plain `model.generate`.
+"""Sampling speed: the study's sampler (rlhf_lib.generation) against plain `model.generate`.
 
-    python bench/bench_generation.py                                   # tiny preset (SmolLM2-135M), ~4 minutes
+    python bench/bench_generation.py                                   # tiny preset (SmolLM2-135M), ~6 minutes
     python bench/bench_generation.py --preset micro --prompts 8        # seconds, a smoke test
     python bench/bench_generation.py --out bench/results/generation_bench.md
 
 Every design samples the same prompts (a mix of short instructions and instructions after a passage of
 0-180 words, like the study's closed-domain prompts) from the preset's base with a random LoRA adapter of the
 preset's rank (speed does not depend on the adapter's values), temperature 1, `generation.max_new_tokens` new
-tokens. Designs, measured in one process, interleaved over `--repeats` rounds (the median is reported):
+tokens. Two shapes: `--prompts` prompts (RM comparisons, evaluation: many prompts per call) and the preset's
+`ppo.rollout_batch` prompts (one PPO rollout). Designs, measured in one process, interleaved over `--repeats`
+rounds (the median is reported):
 
-  plain@8     the old path: peft model as trained (LoRA unmerged), prompts in the order given, 8 per batch
-  plain@B     the same at the preset's generation.batch_size B
-  merged@B    LoRA merged into a copy of the weights, prompts in order
-  fast@B      sample_texts' default: merged, prompts batched by token length (what every stage now uses)
-  fast@2B     the same with twice the batch
+  plain@B        transformers' generate on the peft model as trained (LoRA unmerged), prompts in order, B per batch
+  sorted@B       LoRA merged into a copy of the weights, prompts batched by token length, transformers' generate
+                 (the study's sampler until 2026-12-05)
+  ours@B/D       rlhf_lib.generation.generate through sample_texts: merged, prompts sorted into groups of D rows,
+                 each group's prompts read in chunks of B similar lengths, then its D rows decoded together
 
 Prefill and decode are timed apart: prefill = the same call with one new token; decode = the rest. The
 arithmetic bound is 2 x parameters x tokens processed (real prompt tokens + sampled tokens, padding excluded)
@@ -56,22 +58,29 @@ def bench_prompts(n: int) -> list[str]:
     return prompts
 
 
-def run_design(policy, tokenizer, texts: list[str], batch_size: int, fast: bool, merged: bool, max_new_tokens: int,
+def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int], max_new_tokens: int,
                seed: int) -> dict[str, float]:
     """Seconds to sample every prompt (and with one new token: the prefill), and the tokens processed."""
-    from rlhf_lib.generation import generate, length_sorted_batches, merged_copy
+    from rlhf_lib.generation import generate, generate_with_transformers, length_sorted_batches, merged_copy
+
+    kind, batch, decode_rows = design
 
     def sample(new_tokens: int) -> tuple[float, int, int]:
         started = time.perf_counter()
-        model = merged_copy(policy) if merged else policy  # the merge is part of the cost, once per call
-        if fast:
-            batches = length_sorted_batches(tokenizer, texts, batch_size)
+        model = policy if kind == "plain" else merged_copy(policy)  # the merge is part of the cost, once per call
+        if kind == "plain":
+            groups = [list(range(s, min(s + batch, len(texts)))) for s in range(0, len(texts), batch)]
         else:
-            batches = [list(range(s, min(s + batch_size, len(texts)))) for s in range(0, len(texts), batch_size)]
+            groups = length_sorted_batches(tokenizer, texts, decode_rows if kind == "ours" else batch)
         prompt_tokens = sampled = 0
-        for index, rows in enumerate(batches):
-            out = generate(model, tokenizer, [texts[i] for i in rows], max_new_tokens=new_tokens, temperature=1.0,
-                           generator_seed=seed + index)
+        for index, rows in enumerate(groups):
+            prompts = [texts[i] for i in rows]
+            if kind == "ours":
+                out = generate(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=1.0,
+                               generator_seed=seed + index, prefill_batch_size=batch)
+            else:
+                out = generate_with_transformers(model, tokenizer, prompts, max_new_tokens=new_tokens,
+                                                 temperature=1.0, generator_seed=seed + index)
             prompt_tokens += int(out.query_mask.sum())
             sampled += int(out.response_mask.sum())
         return time.perf_counter() - started, prompt_tokens, sampled
@@ -80,6 +89,11 @@ def run_design(policy, tokenizer, texts: list[str], batch_size: int, fast: bool,
     total_s, prompt_tokens, sampled = sample(max_new_tokens)
     return {"total_s": total_s, "prefill_s": prefill_s, "decode_s": total_s - prefill_s,
             "prompt_tokens": prompt_tokens, "sampled_tokens": sampled}
+
+
+def design_name(design: tuple[str, int, int]) -> str:
+    kind, batch, decode_rows = design
+    return f"{kind}@{batch}/{decode_rows}" if kind == "ours" else f"{kind}@{batch}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,49 +115,58 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     policy = models.lora_from_config(models.load_causal_lm(cfg.model.name), cfg.model).eval()
     n_params = sum(p.numel() for name, p in policy.named_parameters() if "lora_" not in name)
-    texts = [format_prompt(tokenizer, p) for p in bench_prompts(args.prompts)]
     batch, new_tokens = cfg.generation.batch_size, cfg.generation.max_new_tokens
-    designs = {  # name -> (batch size, length-sorted, merged)
-        "plain@8": (8, False, False),
-        f"plain@{batch}": (batch, False, False),
-        f"merged@{batch}": (batch, False, True),
-        f"fast@{batch}": (batch, True, True),
-        f"fast@{2 * batch}": (2 * batch, True, True),
+    decode_rows, rollout = min(cfg.generation.decode_batch_size, args.prompts), cfg.ppo.rollout_batch
+    shapes = {  # shape -> (prompts, designs); a design is (kind, prefill/generate batch, decode rows)
+        f"{args.prompts} prompts (RM comparisons, evaluation)": (
+            [format_prompt(tokenizer, p) for p in bench_prompts(args.prompts)],
+            [("plain", 8, 8), ("plain", batch, batch), ("sorted", batch, batch), ("ours", batch, decode_rows),
+             ("ours", 8, decode_rows)],
+        ),
+        f"{rollout} prompts (one PPO rollout, ppo.rollout_batch)": (
+            [format_prompt(tokenizer, p) for p in bench_prompts(rollout)],
+            [("plain", rollout, rollout), ("sorted", rollout, rollout), ("ours", batch, rollout), ("ours", 8, rollout),
+             ("ours", 4, rollout)],
+        ),
     }
     load_before = os.getloadavg()[0]
-    gflops, runs = [], {name: [] for name in designs}
+    gflops, runs = [], {(shape, design): [] for shape, (_, designs) in shapes.items() for design in designs}
     with torch.no_grad():
-        run_design(policy, tokenizer, texts[:4], 4, True, True, 4, seed=0)  # warm-up
+        warm_texts = shapes[next(iter(shapes))][0][:4]
+        run_design(policy, tokenizer, warm_texts, ("ours", 2, 4), 4, seed=0)  # warm-up
         for round_index in range(args.repeats):
             gflops.append(matmul_gflops())
-            for name, (size, fast, merged) in designs.items():
-                result = run_design(policy, tokenizer, texts, size, fast, merged, new_tokens, seed=round_index * 1000)
-                runs[name].append(result)
-                print(f"round {round_index + 1} {name}: {result['total_s']:.1f} s", flush=True)
+            for (shape, design), results in runs.items():
+                result = run_design(policy, tokenizer, shapes[shape][0], design, new_tokens, seed=round_index * 1000)
+                results.append(result)
+                print(f"round {round_index + 1} {shape[:12]} {design_name(design)}: {result['total_s']:.1f} s", flush=True)
     rate = statistics.median(gflops)
-    rows = []
-    for name, results in runs.items():
-        median = {key: statistics.median(r[key] for r in results) for key in results[0]}
-        tokens = median["prompt_tokens"] + median["sampled_tokens"]
-        bound_s = 2 * n_params * tokens / (rate * 1e9)
-        rows.append((name, median, bound_s))
-    base_total = rows[0][1]["total_s"]
     lines = [
         f"# Sampling speed, preset `{args.preset}` ({cfg.model.name}, fp32, CPU)",
         "",
         *run_header("bench/bench_generation.py", argv, args.threads, load_before),
-        f"- {args.prompts} prompts, {new_tokens} new tokens at temperature 1, LoRA rank {cfg.model.lora_rank}; "
-        f"{n_params / 1e6:.1f} M parameters; fp32 matmul {rate:.0f} GFLOP/s (2048^2, median of {len(gflops)} in this run); "
-        f"median of {args.repeats} interleaved rounds",
-        "",
-        "| design | total s | prefill s | decode s | sampled tokens | sampled tokens/s | % of arithmetic bound | speed vs plain@8 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"- {new_tokens} new tokens at temperature 1, LoRA rank {cfg.model.lora_rank}; {n_params / 1e6:.1f} M parameters; "
+        f"fp32 matmul {rate:.0f} GFLOP/s (2048^2, median of {len(gflops)} in this run); median of {args.repeats} "
+        "interleaved rounds",
     ]
-    for name, m, bound_s in rows:
-        lines.append(
-            f"| {name} | {m['total_s']:.1f} | {m['prefill_s']:.1f} | {m['decode_s']:.1f} | {m['sampled_tokens']:.0f} | "
-            f"{m['sampled_tokens'] / m['total_s']:.0f} | {100 * bound_s / m['total_s']:.0f}% | {base_total / m['total_s']:.2f}x |"
-        )
+    for shape, (_, designs) in shapes.items():
+        lines += [
+            "", f"## {shape}", "",
+            "| design | total s | prefill s | decode s | prompt tokens | sampled tokens | sampled tokens/s | "
+            "% of arithmetic bound | speed vs first row |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        first_total = None
+        for design in designs:
+            results = runs[(shape, design)]
+            m = {key: statistics.median(r[key] for r in results) for key in results[0]}
+            bound_s = 2 * n_params * (m["prompt_tokens"] + m["sampled_tokens"]) / (rate * 1e9)
+            first_total = first_total or m["total_s"]
+            lines.append(
+                f"| {design_name(design)} | {m['total_s']:.1f} | {m['prefill_s']:.1f} | {m['decode_s']:.1f} | "
+                f"{m['prompt_tokens']:.0f} | {m['sampled_tokens']:.0f} | {m['sampled_tokens'] / m['total_s']:.0f} | "
+                f"{100 * bound_s / m['total_s']:.0f}% | {first_total / m['total_s']:.2f}x |"
+            )
     publish(lines, args.out)
     return 0
 

@@ -6,10 +6,15 @@ first EOS, and everything after it is padding with mask 0. `temperature=0` means
     from rlhf_lib.generation import generate, sample_texts
     batch = generate(model, tokenizer, ["<formatted prompt>"], max_new_tokens=32, temperature=1.0)
     batch.texts, batch.ended_with_eos, batch.response_mask
+
+`generate` is the study's own decoding loop (prompts read in length-sorted chunks, then every row decoded
+together on one key/value cache); `generate_with_transformers` is the same contract on `model.generate`, kept
+as the reference the tests compare against and the baseline bench/bench_generation.py measures.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +34,7 @@ class Generated:
     response_mask: torch.Tensor  # [B, Lr] 1 up to and including the first EOS
     ended_with_eos: torch.Tensor  # [B] bool: did the response end with EOS within the budget?
     texts: list[str]  # decoded responses, without special tokens
+    token_logprobs: torch.Tensor | None = None  # [B, Lr] log-prob of each sampled token where it was sampled; 0 on pad
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -51,7 +57,7 @@ def truncate_at_eos(response_ids: torch.Tensor, eos_token_id: int | list[int], p
 
 
 @torch.no_grad()
-def generate(
+def generate_with_transformers(
     model,
     tokenizer,
     prompt_texts: Sequence[str],
@@ -61,7 +67,7 @@ def generate(
     max_prompt_tokens: int | None = None,
     generator_seed: int | None = None,
 ) -> Generated:
-    """Sample one response per (already formatted) prompt text, as one left-padded batch."""
+    """`generate`'s contract on transformers' `model.generate` (one left-padded batch; `token_logprobs` None)."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"  # an over-long prompt loses its start, never the answer cue at its end
@@ -99,6 +105,168 @@ def generate(
     return Generated(encoded["input_ids"], encoded["attention_mask"], response, mask, ended, [t.strip() for t in texts])
 
 
+def _eos_list(eos_token_id: int | list[int]) -> list[int]:
+    return list(eos_token_id) if isinstance(eos_token_id, list | tuple) else [eos_token_id]
+
+
+def _cache_kwarg(model) -> str:
+    """The forward keyword of the key/value cache: `cache` since transformers 5.2x, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _output_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    """(next token, its log-prob under the distribution it was drawn from) for each row of [B, V] logits.
+
+    As transformers' warpers: logits / temperature, then the smallest set of tokens whose probability reaches
+    top_p; temperature 0 is greedy (its log-prob is under the untempered softmax)."""
+    logits = logits.float()
+    if temperature == 0:
+        token = logits.argmax(dim=-1)
+        return token, torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
+    scaled = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, sorted_index = scaled.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before this token already reached top_p
+        outside[:, 0] = False
+        scaled = scaled.masked_fill(outside.scatter(1, sorted_index, outside), float("-inf"))
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+    return token, logprobs.gather(1, token[:, None]).squeeze(1)
+
+
+def _mergeable(cache) -> bool:
+    """Whether a cache is plain per-layer key/value tensors that can be left-padded and stacked by row (not a
+    sliding-window or static layer, whose positions mean something else)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None for layer in layers)
+
+
+def _prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, lengths: list[int], chunk_rows: int | None):
+    """Read the prompts: (cache for all rows in the [B, width] layout, [B, V] logits at each last prompt token).
+
+    In chunks of `chunk_rows` rows of similar length when given, each trimmed to its own longest prompt; their
+    caches are then left-padded with zeros (masked out, as padding is) to the common width and stacked by row."""
+    from transformers.cache_utils import DynamicCache
+
+    rows, width = query_ids.shape
+    position_ids = (query_mask.cumsum(dim=1) - 1).clamp(min=0)  # as transformers' generate: count real tokens only
+
+    def forward(index: torch.Tensor | None, chunk_width: int):
+        ids, mask, pos = (t if index is None else t[index] for t in (query_ids, query_mask, position_ids))
+        out = model(input_ids=ids[:, width - chunk_width:], attention_mask=mask[:, width - chunk_width:],
+                    position_ids=pos[:, width - chunk_width:], use_cache=True, logits_to_keep=1)
+        return _output_cache(out), out.logits[:, -1, :]
+
+    if chunk_rows is None or chunk_rows >= rows:
+        return forward(None, width)
+    order = sorted(range(rows), key=lambda row: -lengths[row])
+    chunks = [torch.tensor(order[i : i + chunk_rows], device=query_ids.device) for i in range(0, rows, chunk_rows)]
+    caches, logits = [], None
+    for index in chunks:
+        cache, chunk_logits = forward(index, max(1, max(lengths[row] for row in index.tolist())))
+        if not _mergeable(cache):  # e.g. sliding-window layers: read every prompt in one batch instead
+            return forward(None, width)
+        if logits is None:
+            logits = chunk_logits.new_empty((rows, chunk_logits.shape[-1]))
+        logits[index] = chunk_logits
+        caches.append((index, cache))
+    merged = []
+    for layer in range(len(caches[0][1].layers)):
+        stacked = []
+        for part in ("keys", "values"):
+            first = getattr(caches[0][1].layers[layer], part)
+            full = first.new_zeros((rows, first.shape[1], width, first.shape[3]))
+            for index, cache in caches:
+                states = getattr(cache.layers[layer], part)
+                full[index, :, width - states.shape[2]:] = states
+            stacked.append(full)
+        merged.append(tuple(stacked))
+    return DynamicCache(merged), logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt_texts: Sequence[str],
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_prompt_tokens: int | None = None,
+    generator_seed: int | None = None,
+    prefill_batch_size: int | None = None,
+) -> Generated:
+    """Sample one response per (already formatted) prompt text: the study's sampler.
+
+    All rows are decoded together, one forward per new token, so each step reads the weights once for every
+    row. The prompts are read first ("prefill") in chunks of `prefill_batch_size` rows of similar token length,
+    so a chunk pads little; their key/value caches are then left-padded to one layout, the layout
+    `generate_with_transformers` would give the whole batch. Decoding stops once every row has sampled EOS.
+    Token log-probabilities under the sampling distribution are returned in `Generated.token_logprobs`.
+    """
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"  # an over-long prompt loses its start, never the answer cue at its end
+    encoded = tokenizer(
+        list(prompt_texts),
+        truncation=max_prompt_tokens is not None,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,  # the prompt format already carries any special tokens
+    )["input_ids"]
+    rows, pad_id = len(encoded), tokenizer.pad_token_id
+    width = max(len(ids) for ids in encoded)
+    query_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    query_mask = torch.zeros((rows, width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        if ids:
+            query_ids[row, width - len(ids):] = torch.tensor(ids)
+            query_mask[row, width - len(ids):] = 1
+    query_ids, query_mask = query_ids.to(device), query_mask.to(device)
+    generator = None  # no seed: torch's global generator, as transformers' generate uses
+    if generator_seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(generator_seed)
+    eos_ids = torch.tensor(_eos_list(tokenizer.eos_token_id), device=device)
+
+    cache_kwarg = _cache_kwarg(model)
+    was_training = model.training
+    model.eval()
+    try:
+        cache, logits = _prefill(model, query_ids, query_mask, [len(ids) for ids in encoded], prefill_batch_size)
+        mask = query_mask
+        tokens, logprobs = [], []
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token, logprob = _sample_next(logits, temperature, top_p, generator)
+            token = token.masked_fill(finished, pad_id)  # a finished row only pads, as transformers' generate does
+            tokens.append(token)
+            logprobs.append(logprob.masked_fill(finished, 0.0))
+            finished |= torch.isin(token, eos_ids)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
+                        use_cache=True, **{cache_kwarg: cache})
+            cache, logits = _output_cache(out), out.logits[:, -1, :]
+    finally:
+        model.train(was_training)
+    response = torch.stack(tokens, dim=1) if tokens else torch.full((rows, 1), pad_id, device=device)
+    token_logprobs = torch.stack(logprobs, dim=1) if logprobs else torch.zeros(response.shape, device=device)
+    response, response_mask, ended = truncate_at_eos(response, tokenizer.eos_token_id, pad_id)
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    return Generated(query_ids, query_mask, response, response_mask, ended, [t.strip() for t in texts],
+                     token_logprobs * response_mask)
+
+
 def merged_copy(model):
     """A copy of a peft model with its active LoRA adapter merged into the weights: sampling then skips the
     adapter's extra matmuls on every token (bench/bench_generation.py measures it). The model itself when it has
@@ -134,35 +302,42 @@ def sample_texts(
     progress: bool = True,
     return_ended: bool = False,
     fast: bool = True,
+    decode_batch_size: int | None = None,
 ) -> list[str] | tuple[list[str], list[bool]]:
-    """Responses for many prompts, in batches, with a progress bar; deterministic given the seed.
+    """Responses for many prompts, with a progress bar; deterministic given the seed.
 
-    `fast` (default): the LoRA adapter is merged into a copy of the weights once per call (`merged_copy`) and
-    prompts are batched by token length (`length_sorted_batches`), then answers are put back in the prompts'
-    order; the same distribution as the plain path (`fast=False`: the model as given, batches in order), at
-    the speed bench/bench_generation.py measures. With `return_ended`, also whether each response ended with
-    EOS (False: cut at `max_new_tokens`), so a scorer can see a truncated answer as truncated.
+    `fast` (default): the LoRA adapter is merged into a copy of the weights once per call (`merged_copy`), the
+    prompts are sorted by token length into groups of `decode_batch_size` rows (default 4 x `batch_size`), and
+    `generate` reads each group's prompts in chunks of `batch_size` and decodes the group's rows together; the
+    answers are put back in the prompts' order. `fast=False` is the reference: the model as given, transformers'
+    generate on batches of `batch_size` in order. Both sample the same distribution; bench/bench_generation.py
+    measures the speed. With `return_ended`, also whether each response ended with EOS (False: cut at
+    `max_new_tokens`), so a scorer can see a truncated answer as truncated.
     """
     prompt_texts = list(prompt_texts)
     if fast:
-        batches = length_sorted_batches(tokenizer, prompt_texts, batch_size)
-        sampler = merged_copy(model)
+        groups = length_sorted_batches(tokenizer, prompt_texts, decode_batch_size or 4 * batch_size)
+        sampler, sample = merged_copy(model), generate
     else:
-        batches = [list(range(start, min(start + batch_size, len(prompt_texts)))) for start in range(0, len(prompt_texts), batch_size)]
-        sampler = model
+        groups = [list(range(start, min(start + batch_size, len(prompt_texts))))
+                  for start in range(0, len(prompt_texts), batch_size)]
+        sampler, sample = model, generate_with_transformers
     texts: list[str] = [""] * len(prompt_texts)
     ended: list[bool] = [False] * len(prompt_texts)
-    for batch_index, rows in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
-        out = generate(
-            sampler,
-            tokenizer,
-            [prompt_texts[i] for i in rows],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            max_prompt_tokens=max_prompt_tokens,
-            generator_seed=seed * 100_003 + batch_index,
-        )
-        for i, text, done in zip(rows, out.texts, out.ended_with_eos.tolist(), strict=True):
-            texts[i], ended[i] = text, bool(done)
+    with tqdm(total=len(prompt_texts), desc=desc, disable=not progress, unit="prompt") as bar:
+        for group_index, rows in enumerate(groups):
+            out = sample(
+                sampler,
+                tokenizer,
+                [prompt_texts[i] for i in rows],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                max_prompt_tokens=max_prompt_tokens,
+                generator_seed=seed * 100_003 + group_index,
+                **({"prefill_batch_size": batch_size} if fast else {}),
+            )
+            for i, text, done in zip(rows, out.texts, out.ended_with_eos.tolist(), strict=True):
+                texts[i], ended[i] = text, bool(done)
+            bar.update(len(rows))
     return (texts, ended) if return_ended else texts

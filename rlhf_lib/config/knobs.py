@@ -69,7 +69,11 @@ class GenerationConfig:
     max_new_tokens: int = _knob(32, "Tokens sampled per completion.", low=1)
     temperature: float = _knob(1.0, "Sampling temperature (the paper's rollouts use 1).", low=0.0, high=5.0)
     top_p: float = _knob(1.0, "Nucleus sampling mass.", low=0.0, high=1.0)
-    batch_size: int = _knob(8, "Prompts per generation batch.", low=1)
+    batch_size: int = _knob(8, "Prompts read together (prefill), in chunks of similar token length.", low=1)
+    decode_batch_size: int = _knob(
+        64, "Rows decoded together after their prompts are read: each new token costs one read of the weights for "
+        "all of them (bench/bench_generation.py).", low=1
+    )
 
 
 @dataclass

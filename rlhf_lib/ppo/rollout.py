@@ -138,19 +138,21 @@ def _guard_finite(name: str, tensor: torch.Tensor) -> None:
 def _sample_responses(
     roles: PolicyValueRoles, tokenizer, prompts: Sequence[str], cfg: StudyConfig, temperature: float, seed: int
 ) -> Generated:
-    """The policy's responses to raw prompts, in chunks of generation.batch_size (temperature 0 = greedy)."""
+    """The policy's responses to raw prompts (temperature 0 = greedy): decoded generation.decode_batch_size rows at
+    a time, their prompts read in chunks of generation.batch_size (`generate`)."""
     gen = cfg.generation
     formatted = [format_prompt(tokenizer, p) for p in prompts]
     chunks = []
     with roles.role("policy") as policy:
         sampler = merged_copy(policy)  # the policy's LoRA merged into a copy once per rollout: no adapter matmuls per token
-        for index, start in enumerate(range(0, len(formatted), gen.batch_size)):
+        for index, start in enumerate(range(0, len(formatted), gen.decode_batch_size)):
             try:
                 chunks.append(
                     generate(
-                        sampler, tokenizer, formatted[start : start + gen.batch_size], max_new_tokens=gen.max_new_tokens,
-                        temperature=temperature, top_p=1.0,
+                        sampler, tokenizer, formatted[start : start + gen.decode_batch_size],
+                        max_new_tokens=gen.max_new_tokens, temperature=temperature, top_p=1.0,
                         generator_seed=seed * 1_000 + index if temperature > 0 else None,  # greedy: leave the RNG alone
+                        prefill_batch_size=gen.batch_size,
                     )
                 )
             except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities

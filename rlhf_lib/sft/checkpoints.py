@@ -153,7 +153,8 @@ def checkpoint_rewards(
             model, tokenizer = load_policy(exported)
             responses = sample_texts(
                 model, tokenizer, [format_prompt(tokenizer, p) for p in prompts], max_new_tokens=cfg.generation.max_new_tokens,
-                temperature=0.0, batch_size=cfg.generation.batch_size, desc=f"RM-scoring {checkpoint.name}", progress=progress,
+                temperature=0.0, batch_size=cfg.generation.batch_size, decode_batch_size=cfg.generation.decode_batch_size,
+                desc=f"RM-scoring {checkpoint.name}", progress=progress,
             )
             del model
         step = int(checkpoint.name.split("-")[1])

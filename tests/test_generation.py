@@ -1,0 +1,132 @@
+"""The study's sampler (rlhf_lib.generation.generate) against transformers' generate and a plain forward."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf_lib import models
+from rlhf_lib.generation import generate, generate_with_transformers, sample_texts
+
+PROMPTS = ["short", "a much longer prompt with many more words in it than the others", "mid sized prompt here",
+           "x y", "another fairly long prompt that needs padding when batched", "one two three"]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """micro in float32 with a LoRA whose B matrices are non-zero, merged (what every stage samples from)."""
+    torch.manual_seed(0)
+    model = models.add_lora(models.load_causal_lm("micro", dtype="float32"), rank=4, alpha=8)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return model.merge_and_unload().eval()
+
+
+def _full_forward_logprobs(model, out, temperature: float) -> torch.Tensor:
+    """log pi(token | prefix) of every sampled token from one forward over query + response: [B, Lr], 0 on pad."""
+    ids, mask = out.input_ids, out.attention_mask
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+    width = out.query_ids.shape[1]
+    logprobs = torch.log_softmax(logits[:, width - 1 : -1] / temperature, dim=-1)
+    return logprobs.gather(2, out.response_ids[..., None]).squeeze(-1) * out.response_mask
+
+
+@pytest.mark.parametrize("prefill_batch_size", [None, 1, 2, 4])
+def test_greedy_answers_match_transformers_generate_for_any_prefill_chunking(policy, micro_tokenizer, prefill_batch_size):
+    reference = generate_with_transformers(policy, micro_tokenizer, PROMPTS, max_new_tokens=8, temperature=0.0)
+    ours = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=8, temperature=0.0,
+                    prefill_batch_size=prefill_batch_size)
+    assert torch.equal(ours.query_ids, reference.query_ids) and torch.equal(ours.query_mask, reference.query_mask)
+    width = reference.response_ids.shape[1]
+    assert torch.equal(ours.response_ids[:, :width], reference.response_ids)
+    assert torch.equal(ours.response_mask[:, :width], reference.response_mask)
+    assert ours.texts == reference.texts and torch.equal(ours.ended_with_eos, reference.ended_with_eos)
+    assert len({tuple(row) for row in ours.response_ids.tolist()}) > 1  # different prompts, different answers
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_tokens_carry_the_log_probs_of_a_plain_forward(policy, micro_tokenizer, temperature):
+    out = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=8, temperature=temperature,
+                   generator_seed=5, prefill_batch_size=2)
+    expected = _full_forward_logprobs(policy, out, temperature)
+    assert out.response_mask.sum() > len(PROMPTS)  # more than one token per row was compared
+    assert torch.allclose(out.token_logprobs, expected, atol=1e-4)
+    assert (expected[out.response_mask.bool()] < -0.5).any()  # really sampled, not argmax everywhere
+
+
+def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p(policy, micro_tokenizer):
+    top_p = 0.3
+    out = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=6, temperature=1.0, top_p=top_p,
+                   generator_seed=1, prefill_batch_size=3)
+    ids, mask = out.input_ids, out.attention_mask
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    width = out.query_ids.shape[1]
+    for row in range(len(PROMPTS)):
+        for step in range(int(out.response_mask[row].sum())):
+            probs = logits[row, width - 1 + step].float().softmax(-1)
+            ranked = probs.sort(descending=True)
+            cutoff = int((ranked.values.cumsum(0) < top_p).sum()) + 1  # tokens kept: the mass before each is < top_p
+            kept = ranked.indices[:cutoff]
+            token = out.response_ids[row, step]
+            assert token in kept
+            renormalised = (probs[token] / probs[kept].sum()).log()
+            assert abs(float(out.token_logprobs[row, step]) - float(renormalised)) < 1e-4
+
+
+def test_sampling_is_deterministic_given_the_seed(policy, micro_tokenizer):
+    def draw(seed):
+        return generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=8, temperature=1.0, generator_seed=seed,
+                        prefill_batch_size=2).response_ids
+
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+
+
+class _ScriptedLM(torch.nn.Module):
+    """A stand-in causal LM whose greedy choice is scripted: row r says token 7 r times, then EOS (id 2)."""
+
+    def __init__(self, vocab: int = 16):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.steps = vocab, 0
+        self.calls: list[int] = []  # query width of each forward call
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=True, logits_to_keep=0, cache=None):
+        self.calls.append(input_ids.shape[1])
+        step = 0 if cache is None else cache + 1
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        for row in range(input_ids.shape[0]):
+            logits[row, -1, 2 if step >= row else 7] = 10.0
+        return SimpleNamespace(logits=logits, cache=step)
+
+
+def test_decoding_stops_once_every_row_has_ended_and_pads_finished_rows(micro_tokenizer):
+    model = _ScriptedLM()
+    out = generate(model, micro_tokenizer, ["a", "b c", "d e f"], max_new_tokens=10, temperature=0.0)
+    assert out.response_ids.shape[1] == 3  # the last row ends at its third token: no more steps after that
+    assert len(model.calls) == 3  # one prefill and two single-token steps
+    assert out.ended_with_eos.tolist() == [True, True, True]
+    assert out.response_mask.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    pad = micro_tokenizer.pad_token_id
+    assert out.response_ids.tolist() == [[2, pad, pad], [7, 2, pad], [7, 7, 2]]
+
+
+def test_rows_cut_at_the_budget_are_not_ended(micro_tokenizer):
+    out = generate(_ScriptedLM(), micro_tokenizer, ["a", "b c", "d e f"], max_new_tokens=2, temperature=0.0)
+    assert out.ended_with_eos.tolist() == [True, True, False]
+    assert out.response_mask.tolist() == [[1, 0], [1, 1], [1, 1]]
+
+
+def test_sample_texts_groups_by_length_and_restores_prompt_order(policy, micro_tokenizer):
+    common = dict(max_new_tokens=6, temperature=0.0, progress=False, return_ended=True)
+    grouped = sample_texts(policy, micro_tokenizer, PROMPTS, batch_size=2, decode_batch_size=3, **common)
+    one_by_one = sample_texts(policy, micro_tokenizer, PROMPTS, batch_size=1, fast=False, **common)
+    assert grouped == one_by_one
+    assert len(set(grouped[0])) > 1
