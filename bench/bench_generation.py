@@ -14,8 +14,9 @@ rounds (the median is reported):
   plain@B        transformers' generate on the peft model as trained (LoRA unmerged), prompts in order, B per batch
   sorted@B       LoRA merged into a copy of the weights, prompts batched by token length, transformers' generate
                  (the study's sampler until 2026-12-05)
-  ours@B/D       rlhf_lib.generation.generate through sample_texts: merged, prompts sorted into groups of D rows,
-                 each group's prompts read in chunks of B similar lengths, then its D rows decoded together
+  ours@P/D       rlhf_lib.generation.generate as sample_texts calls it: merged, prompts sorted into groups of D
+                 rows, each group's prompts read in chunks of up to P tokens (rows x longest prompt), then its D
+                 rows decoded together on one preallocated key/value cache
 
 Prefill and decode are timed apart: prefill = the same call with one new token; decode = the rest. The
 arithmetic bound is 2 x parameters x tokens processed (real prompt tokens + sampled tokens, padding excluded)
@@ -77,7 +78,7 @@ def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int]
             prompts = [texts[i] for i in rows]
             if kind == "ours":
                 out = generate(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=1.0,
-                               generator_seed=seed + index, prefill_batch_size=batch)
+                               generator_seed=seed + index, prefill_tokens=batch)
             else:
                 out = generate_with_transformers(model, tokenizer, prompts, max_new_tokens=new_tokens,
                                                  temperature=1.0, generator_seed=seed + index)
@@ -117,23 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for name, p in policy.named_parameters() if "lora_" not in name)
     batch, new_tokens = cfg.generation.batch_size, cfg.generation.max_new_tokens
     decode_rows, rollout = min(cfg.generation.decode_batch_size, args.prompts), cfg.ppo.rollout_batch
-    shapes = {  # shape -> (prompts, designs); a design is (kind, prefill/generate batch, decode rows)
+    prefill = cfg.generation.prefill_tokens
+    shapes = {  # shape -> (prompts, designs); a design is (kind, batch rows or prefill tokens, decode rows)
         f"{args.prompts} prompts (RM comparisons, evaluation)": (
             [format_prompt(tokenizer, p) for p in bench_prompts(args.prompts)],
-            [("plain", 8, 8), ("plain", batch, batch), ("sorted", batch, batch), ("ours", batch, decode_rows),
-             ("ours", 8, decode_rows)],
+            [("plain", 8, 8), ("plain", batch, batch), ("sorted", batch, batch), ("ours", 4 * prefill, decode_rows),
+             ("ours", prefill, decode_rows)],
         ),
         f"{rollout} prompts (one PPO rollout, ppo.rollout_batch)": (
             [format_prompt(tokenizer, p) for p in bench_prompts(rollout)],
-            [("plain", rollout, rollout), ("sorted", rollout, rollout), ("ours", batch, rollout), ("ours", 8, rollout),
-             ("ours", 4, rollout)],
+            [("plain", rollout, rollout), ("sorted", rollout, rollout), ("ours", 8 * prefill, rollout),
+             ("ours", prefill, rollout)],
         ),
     }
     load_before = os.getloadavg()[0]
     gflops, runs = [], {(shape, design): [] for shape, (_, designs) in shapes.items() for design in designs}
     with torch.no_grad():
         warm_texts = shapes[next(iter(shapes))][0][:4]
-        run_design(policy, tokenizer, warm_texts, ("ours", 2, 4), 4, seed=0)  # warm-up
+        run_design(policy, tokenizer, warm_texts, ("ours", prefill, 4), 4, seed=0)  # warm-up
         for round_index in range(args.repeats):
             gflops.append(matmul_gflops())
             for (shape, design), results in runs.items():

@@ -26,6 +26,16 @@ def policy():
     return model.merge_and_unload().eval()
 
 
+def test_prefill_chunks_group_similar_lengths_within_the_token_budget():
+    from rlhf_lib.generation import prefill_chunks
+
+    lengths = [3, 10, 4, 9, 1, 2]
+    assert prefill_chunks(lengths, None) == [[0, 1, 2, 3, 4, 5]]
+    assert prefill_chunks(lengths, 20) == [[1, 3], [2, 0, 5, 4]]  # 2 x 10 <= 20 tokens; then 4 x 4 <= 20
+    assert prefill_chunks(lengths, 1) == [[1], [3], [2], [0], [5], [4]]  # an over-long row still gets its own chunk
+    assert sorted(row for chunk in prefill_chunks(lengths, 7) for row in chunk) == list(range(6))
+
+
 def _full_forward_logprobs(model, out, temperature: float) -> torch.Tensor:
     """log pi(token | prefix) of every sampled token from one forward over query + response: [B, Lr], 0 on pad."""
     ids, mask = out.input_ids, out.attention_mask
@@ -37,11 +47,11 @@ def _full_forward_logprobs(model, out, temperature: float) -> torch.Tensor:
     return logprobs.gather(2, out.response_ids[..., None]).squeeze(-1) * out.response_mask
 
 
-@pytest.mark.parametrize("prefill_batch_size", [None, 1, 2, 4])
-def test_greedy_answers_match_transformers_generate_for_any_prefill_chunking(policy, micro_tokenizer, prefill_batch_size):
+@pytest.mark.parametrize("prefill_tokens", [None, 1, 16, 40])
+def test_greedy_answers_match_transformers_generate_for_any_prefill_chunking(policy, micro_tokenizer, prefill_tokens):
     reference = generate_with_transformers(policy, micro_tokenizer, PROMPTS, max_new_tokens=8, temperature=0.0)
     ours = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=8, temperature=0.0,
-                    prefill_batch_size=prefill_batch_size)
+                    prefill_tokens=prefill_tokens)
     assert torch.equal(ours.query_ids, reference.query_ids) and torch.equal(ours.query_mask, reference.query_mask)
     width = reference.response_ids.shape[1]
     assert torch.equal(ours.response_ids[:, :width], reference.response_ids)
@@ -53,7 +63,7 @@ def test_greedy_answers_match_transformers_generate_for_any_prefill_chunking(pol
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_tokens_carry_the_log_probs_of_a_plain_forward(policy, micro_tokenizer, temperature):
     out = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=8, temperature=temperature,
-                   generator_seed=5, prefill_batch_size=2)
+                   generator_seed=5, prefill_tokens=16)
     expected = _full_forward_logprobs(policy, out, temperature)
     assert out.response_mask.sum() > len(PROMPTS)  # more than one token per row was compared
     assert torch.allclose(out.token_logprobs, expected, atol=1e-4)
@@ -63,7 +73,7 @@ def test_sampled_tokens_carry_the_log_probs_of_a_plain_forward(policy, micro_tok
 def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p(policy, micro_tokenizer):
     top_p = 0.3
     out = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=6, temperature=1.0, top_p=top_p,
-                   generator_seed=1, prefill_batch_size=3)
+                   generator_seed=1, prefill_tokens=24)
     ids, mask = out.input_ids, out.attention_mask
     with torch.no_grad():
         logits = policy(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
@@ -83,7 +93,7 @@ def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p(policy, micro_to
 def test_sampling_is_deterministic_given_the_seed(policy, micro_tokenizer):
     def draw(seed):
         return generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=8, temperature=1.0, generator_seed=seed,
-                        prefill_batch_size=2).response_ids
+                        prefill_tokens=16).response_ids
 
     assert torch.equal(draw(3), draw(3))
     assert not torch.equal(draw(3), draw(4))
@@ -130,3 +140,32 @@ def test_sample_texts_groups_by_length_and_restores_prompt_order(policy, micro_t
     one_by_one = sample_texts(policy, micro_tokenizer, PROMPTS, batch_size=1, fast=False, **common)
     assert grouped == one_by_one
     assert len(set(grouped[0])) > 1
+
+
+def test_each_draw_follows_the_tempered_distribution_and_never_picks_a_cut_token():
+    from rlhf_lib.generation import _sample_next
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.clamp(min=1e-30).log().repeat(40_000, 1)
+    generator = torch.Generator().manual_seed(0)
+    tokens, logprobs = _sample_next(logits, 1.0, 1.0, generator)
+    frequencies = torch.bincount(tokens, minlength=5).double() / len(tokens)
+    assert torch.allclose(frequencies, probs.double(), atol=0.01)  # binomial sd at n=40000: <= 0.0025
+    assert frequencies[4] == 0
+    assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-5)
+    tempered, _ = _sample_next(logits, 0.5, 1.0, generator)  # T = 0.5 squares the odds: 0.25/0.09/... renormalised
+    expected = probs.double() ** 2 / (probs.double() ** 2).sum()
+    assert torch.allclose(torch.bincount(tempered, minlength=5).double() / len(tempered), expected, atol=0.01)
+    nucleus, _ = _sample_next(logits, 1.0, 0.7, generator)  # 0.5 + 0.3 reach 0.7: only the first two remain
+    assert set(nucleus.tolist()) == {0, 1}
+
+
+def test_non_finite_logits_raise_floating_point_error(micro_tokenizer):
+    class NaNLM(_ScriptedLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[0, -1, 3] = float("nan")
+            return out
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        generate(NaNLM(), micro_tokenizer, ["a", "b c"], max_new_tokens=4, temperature=1.0, generator_seed=0)

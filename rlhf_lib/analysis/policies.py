@@ -179,13 +179,14 @@ class Decoding:
     top_p: float
     batch_size: int
     decode_batch_size: int
+    prefill_tokens: int
     seed: int
 
     @classmethod
     def from_config(cls, cfg: StudyConfig) -> Decoding:
         ev, gen = cfg.evaluation, cfg.generation
         return cls(gen.max_new_tokens, ev.probe_max_new_tokens or gen.max_new_tokens, ev.temperature,
-                   gen.top_p if ev.temperature > 0 else 1.0, gen.batch_size, gen.decode_batch_size, cfg.seed)
+                   gen.top_p if ev.temperature > 0 else 1.0, gen.batch_size, gen.decode_batch_size, gen.prefill_tokens, cfg.seed)
 
     def describe(self) -> str:
         how = "greedy" if self.temperature == 0 else f"sampled at temperature {self.temperature:g} (top_p {self.top_p:g})"
@@ -201,7 +202,8 @@ def _generate(model, tokenizer, texts: Sequence[str], dec: Decoding, desc: str, 
     return sample_texts(
         model, tokenizer, list(texts), max_new_tokens=max_new_tokens or dec.max_new_tokens,
         temperature=dec.temperature if temperature is None else temperature, top_p=dec.top_p,
-        batch_size=dec.batch_size, decode_batch_size=dec.decode_batch_size, seed=dec.seed if seed is None else seed, desc=desc, progress=progress,
+        batch_size=dec.batch_size, decode_batch_size=dec.decode_batch_size,
+        prefill_tokens=dec.prefill_tokens, seed=dec.seed if seed is None else seed, desc=desc, progress=progress,
     )
 
 

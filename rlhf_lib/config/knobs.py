@@ -69,7 +69,11 @@ class GenerationConfig:
     max_new_tokens: int = _knob(32, "Tokens sampled per completion.", low=1)
     temperature: float = _knob(1.0, "Sampling temperature (the paper's rollouts use 1).", low=0.0, high=5.0)
     top_p: float = _knob(1.0, "Nucleus sampling mass.", low=0.0, high=1.0)
-    batch_size: int = _knob(8, "Prompts read together (prefill), in chunks of similar token length.", low=1)
+    batch_size: int = _knob(8, "Prompts per batch of the reference sampler and of scoring forwards.", low=1)
+    prefill_tokens: int = _knob(
+        512, "Token budget of one chunk of prompts read before decoding (rows x longest prompt; prompts of similar "
+        "length go together).", low=1
+    )
     decode_batch_size: int = _knob(
         64, "Rows decoded together after their prompts are read: each new token costs one read of the weights for "
         "all of them (bench/bench_generation.py).", low=1

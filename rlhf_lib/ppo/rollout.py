@@ -139,26 +139,21 @@ def _sample_responses(
     roles: PolicyValueRoles, tokenizer, prompts: Sequence[str], cfg: StudyConfig, temperature: float, seed: int
 ) -> Generated:
     """The policy's responses to raw prompts (temperature 0 = greedy): decoded generation.decode_batch_size rows at
-    a time, their prompts read in chunks of generation.batch_size (`generate`)."""
+    a time, their prompts read in chunks of generation.prefill_tokens (`generate`)."""
     gen = cfg.generation
     formatted = [format_prompt(tokenizer, p) for p in prompts]
     chunks = []
     with roles.role("policy") as policy:
         sampler = merged_copy(policy)  # the policy's LoRA merged into a copy once per rollout: no adapter matmuls per token
         for index, start in enumerate(range(0, len(formatted), gen.decode_batch_size)):
-            try:
-                chunks.append(
-                    generate(
-                        sampler, tokenizer, formatted[start : start + gen.decode_batch_size],
-                        max_new_tokens=gen.max_new_tokens, temperature=temperature, top_p=1.0,
-                        generator_seed=seed * 1_000 + index if temperature > 0 else None,  # greedy: leave the RNG alone
-                        prefill_batch_size=gen.batch_size,
-                    )
+            chunks.append(  # raises FloatingPointError on non-finite sampling probabilities
+                generate(
+                    sampler, tokenizer, formatted[start : start + gen.decode_batch_size],
+                    max_new_tokens=gen.max_new_tokens, temperature=temperature, top_p=1.0,
+                    generator_seed=seed * 1_000 + index if temperature > 0 else None,  # greedy: leave the RNG alone
+                    prefill_tokens=gen.prefill_tokens,
                 )
-            except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
-                if "inf" in str(err) or "nan" in str(err):
-                    raise FloatingPointError(f"non-finite sampling probabilities ({err})") from err
-                raise
+            )
     return _concat_generated(chunks, tokenizer.pad_token_id)
 
 

@@ -154,7 +154,7 @@ def checkpoint_rewards(
             responses = sample_texts(
                 model, tokenizer, [format_prompt(tokenizer, p) for p in prompts], max_new_tokens=cfg.generation.max_new_tokens,
                 temperature=0.0, batch_size=cfg.generation.batch_size, decode_batch_size=cfg.generation.decode_batch_size,
-                desc=f"RM-scoring {checkpoint.name}", progress=progress,
+                prefill_tokens=cfg.generation.prefill_tokens, desc=f"RM-scoring {checkpoint.name}", progress=progress,
             )
             del model
         step = int(checkpoint.name.split("-")[1])

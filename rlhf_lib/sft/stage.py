@@ -82,7 +82,8 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
             texts = [format_prompt(tokenizer, r["prompt"]) for r in eval_rows]
             kwargs = dict(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0,
                           batch_size=cfg.generation.batch_size,
-                          decode_batch_size=cfg.generation.decode_batch_size, progress=progress)
+                          decode_batch_size=cfg.generation.decode_batch_size,
+                          prefill_tokens=cfg.generation.prefill_tokens, progress=progress)
             sft_out = sample_texts(model, tokenizer, texts, desc="SFT samples", **kwargs)
             with base_weights(model, cfg) as base:
                 base_out = sample_texts(base, tokenizer, texts, desc="base samples", **kwargs)
