@@ -123,8 +123,11 @@ def run_design(design: str, preset: str, overrides: dict, artifacts: Path, itera
         t0 = time.time()
         rollout = collect_rollout(roles, tokenizer, prompts, cfg, cfg.ppo.kl_beta, seed=iteration)
         t1 = time.time()
+        if cfg.model.gradient_checkpointing:
+            roles.train()  # as train_ppo does: transformers only checkpoints in train mode (dropout is zero anyway)
         ppo_update(roles, optimizer, rollout, cfg.ppo, cfg.ppo.minibatch, torch.Generator().manual_seed(iteration),
                    micro_batch_size=cfg.generation.batch_size)
+        roles.eval()
         t2 = time.time()
         rollout_s, update_s = rollout_s + t1 - t0, update_s + t2 - t1
         lengths.append(rollout.response_mask.sum(1).mean().item())
