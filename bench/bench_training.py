@@ -8,8 +8,14 @@ Every design runs the preset's base with a LoRA adapter of the preset's rank (fp
 sequences of a fixed length (no padding: the bound below counts every token), measured in one process and
 interleaved over `--repeats` rounds (the median is reported), beside an fp32 matmul measured in the same run:
 
-  sft step        LoRA fine-tuning step as in notebook 02: forward, causal-LM loss, backward, AdamW step, at
+  sft step        LoRA fine-tuning step: forward, causal-LM loss on the full logits, backward, AdamW step, at
                   `sft.batch_size` x `sft.max_seq_tokens`
+  sft step, fused the same step as notebook 02's SFTTrainer (TRL 1.16) runs it: its fused LM head (trl's
+                  `add_fused_lm_head`, with the log-probs, entropy and top-1 it asks for) projects through the LM
+                  head in tiles and never holds the [tokens, vocabulary] logits
+  ... prompt masked  both SFT steps with the loss on the last third of each row only (-100 before it), about the
+                  response share of notebook 02's sequences (prompts <= 128 tokens, responses <= 48): the fused
+                  head then projects only those positions; the plain step still computes every logit
   rm step         the end-to-end LoRA RM (GPU presets): forward to the last hidden states, a scalar head on the
                   mean of each row's states, a pairwise loss, backward, AdamW, at `reward.forward_batch` rows
   rm features     the CPU RM's cached-feature pass (rlhf_lib.reward, `method = "cached_head"`): forward only, no
@@ -49,11 +55,23 @@ def timed_steps(step, repeats_inside: int) -> float:
     return (time.perf_counter() - started) / repeats_inside
 
 
-def sft_step(model, optimizer, batch: torch.Tensor):
+def sft_step(model, optimizer, batch: torch.Tensor, labels: torch.Tensor):
     """One causal-LM LoRA step."""
 
     def step() -> None:
-        out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch)
+        out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def fused_sft_step(model, optimizer, batch: torch.Tensor, labels: torch.Tensor):
+    """One causal-LM LoRA step through TRL's fused LM head (call `add_fused_lm_head` on the base first)."""
+
+    def step() -> None:
+        out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=labels, fused_lm_head=True)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -120,9 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(rows * length))
 
     sft_batch = tokens(cfg.sft.batch_size, cfg.sft.max_seq_tokens)
+    shape = f"{cfg.sft.batch_size} x {cfg.sft.max_seq_tokens}"
+    response_labels = sft_batch.clone()
+    response_labels[:, : 2 * cfg.sft.max_seq_tokens // 3] = -100
+    from trl.trainer.utils import add_fused_lm_head
+
+    # As SFTTrainer does: the plain forward stays the original, `fused_lm_head=True` takes the tiled head.
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
     rm_batch = tokens(cfg.reward.forward_batch, cfg.reward.max_seq_tokens)
     designs = {  # name -> (step, tokens per call, FLOPs per token per parameter)
-        f"sft step ({cfg.sft.batch_size} x {cfg.sft.max_seq_tokens})": (sft_step(model, sft_optimizer, sft_batch), sft_batch.numel(), 4),
+        f"sft step ({shape})": (sft_step(model, sft_optimizer, sft_batch, sft_batch), sft_batch.numel(), 4),
+        f"sft step, fused ({shape})": (fused_sft_step(model, sft_optimizer, sft_batch, sft_batch), sft_batch.numel(), 4),
+        f"sft step, prompt masked ({shape})": (sft_step(model, sft_optimizer, sft_batch, response_labels),
+                                               sft_batch.numel(), 4),
+        f"sft step, fused, prompt masked ({shape})": (
+            fused_sft_step(model, sft_optimizer, sft_batch, response_labels), sft_batch.numel(), 4),
         f"rm step ({cfg.reward.forward_batch} x {cfg.reward.max_seq_tokens})": (rm_step(model, head, rm_optimizer, rm_batch), rm_batch.numel(), 4),
         "rm features, adapter unmerged": (feature_pass(model, rm_batch), rm_batch.numel(), 2),
         "rm features, adapter merged": (feature_pass(frozen, rm_batch), rm_batch.numel(), 2),
