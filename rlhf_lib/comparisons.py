@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_lib.config import StudyConfig
-from rlhf_lib.generation import sample_texts
+from rlhf_lib.generation import batching, sample_texts
 from rlhf_lib.io import atomic_write_text
 from rlhf_lib.prompting import format_prompt
 
@@ -84,8 +84,7 @@ def sample_k_completions(
             # Prompts of similar length share a batch: less padding; still deterministic (each batch is seeded).
             slots.sort(key=lambda slot: len(formatted[slot[0]]))
             kwargs = dict(max_new_tokens=gen.max_new_tokens, temperature=temperature, top_p=gen.top_p,
-                          batch_size=gen.batch_size, decode_batch_size=gen.decode_batch_size,
-                          prefill_tokens=gen.prefill_tokens, seed=cfg.seed * 10 + source_index * 100 + temperature_index,
+                          **batching(gen), seed=cfg.seed * 10 + source_index * 100 + temperature_index,
                           desc=f"RM completions ({source}, T={temperature:g})", progress=progress, return_ended=True)
             texts = [formatted[i] for i, _ in slots]
             # Each (source, temperature) group is saved as it finishes: an interrupted run resumes from it.

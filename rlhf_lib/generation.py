@@ -56,6 +56,21 @@ def truncate_at_eos(response_ids: torch.Tensor, eos_token_id: int | list[int], p
     return response_ids.masked_fill(mask == 0, pad_token_id), mask, ended
 
 
+def encode_left_padded(tokenizer, prompt_texts: Sequence[str], max_prompt_tokens: int | None):
+    """The prompts as one left-padded batch (`input_ids`, `attention_mask`), so every response starts at the same
+    column; an over-long prompt loses its start, never the answer cue at its end."""
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    return tokenizer(
+        list(prompt_texts),
+        return_tensors="pt",
+        padding=True,
+        truncation=max_prompt_tokens is not None,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,  # the prompt format already carries any special tokens
+    )
+
+
 @torch.no_grad()
 def generate_with_transformers(
     model,
@@ -69,16 +84,7 @@ def generate_with_transformers(
 ) -> Generated:
     """`generate`'s contract on transformers' `model.generate` (one left-padded batch; `token_logprobs` None)."""
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"  # an over-long prompt loses its start, never the answer cue at its end
-    encoded = tokenizer(
-        list(prompt_texts),
-        return_tensors="pt",
-        padding=True,
-        truncation=max_prompt_tokens is not None,
-        max_length=max_prompt_tokens,
-        add_special_tokens=False,  # the prompt format already carries any special tokens
-    ).to(device)
+    encoded = encode_left_padded(tokenizer, prompt_texts, max_prompt_tokens).to(device)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     do_sample = temperature > 0
@@ -205,14 +211,14 @@ def prefill_chunks(lengths: Sequence[int], token_budget: int | None) -> list[lis
     return chunks
 
 
-def _prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, lengths: list[int], token_budget: int | None,
-             capacity: int):
+def _prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, token_budget: int | None, capacity: int):
     """Read the prompts: (cache for all rows in the [B, width] layout with room for `capacity` positions,
     [B, V] logits at each last prompt token).
 
     In chunks of rows of similar length (`prefill_chunks`), each trimmed to its own longest prompt; their
     caches are then left-padded with zeros (masked out, as padding is) to the common width and stacked by row."""
     rows, width = query_ids.shape
+    lengths = query_mask.sum(dim=1).tolist()
     position_ids = (query_mask.cumsum(dim=1) - 1).clamp(min=0)  # as transformers' generate: count real tokens only
 
     def forward(index: torch.Tensor | None, chunk_width: int):
@@ -261,23 +267,9 @@ def generate(
     Token log-probabilities under the sampling distribution are returned in `Generated.token_logprobs`.
     """
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"  # an over-long prompt loses its start, never the answer cue at its end
-    encoded = tokenizer(
-        list(prompt_texts),
-        truncation=max_prompt_tokens is not None,
-        max_length=max_prompt_tokens,
-        add_special_tokens=False,  # the prompt format already carries any special tokens
-    )["input_ids"]
-    rows, pad_id = len(encoded), tokenizer.pad_token_id
-    width = max(len(ids) for ids in encoded)
-    query_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    query_mask = torch.zeros((rows, width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        if ids:
-            query_ids[row, width - len(ids):] = torch.tensor(ids)
-            query_mask[row, width - len(ids):] = 1
-    query_ids, query_mask = query_ids.to(device), query_mask.to(device)
+    encoded = encode_left_padded(tokenizer, prompt_texts, max_prompt_tokens).to(device)
+    query_ids, query_mask = encoded["input_ids"], encoded["attention_mask"]
+    rows, width, pad_id = *query_ids.shape, tokenizer.pad_token_id
     generator = None  # no seed: torch's global generator, as transformers' generate uses
     if generator_seed is not None:
         generator = torch.Generator(device=device)
@@ -288,8 +280,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        cache, logits = _prefill(model, query_ids, query_mask, [len(ids) for ids in encoded], prefill_tokens,
-                                 capacity=width + max_new_tokens)
+        cache, logits = _prefill(model, query_ids, query_mask, prefill_tokens, capacity=width + max_new_tokens)
         mask = query_mask
         tokens, logprobs = [], []
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -334,6 +325,11 @@ def length_sorted_batches(tokenizer, prompt_texts: Sequence[str], batch_size: in
     lengths = [len(ids) for ids in tokenizer(list(prompt_texts), add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompt_texts)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def batching(gen) -> dict[str, int]:
+    """`sample_texts`' batching arguments from a preset's `[generation]` section (a `GenerationConfig`)."""
+    return {"batch_size": gen.batch_size, "decode_batch_size": gen.decode_batch_size, "prefill_tokens": gen.prefill_tokens}
 
 
 def sample_texts(

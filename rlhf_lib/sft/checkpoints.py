@@ -136,7 +136,7 @@ def checkpoint_rewards(
     The paper chose its final SFT model this way (RM score on the validation set, Appendix C.1).
     Returns one row per checkpoint: checkpoint, step, epoch, mean_reward, prompts.
     """
-    from rlhf_lib.generation import sample_texts
+    from rlhf_lib.generation import batching, sample_texts
 
     checkpoints = _trainer_checkpoints(checkpoint_root)
     if not checkpoints:
@@ -153,8 +153,7 @@ def checkpoint_rewards(
             model, tokenizer = load_policy(exported)
             responses = sample_texts(
                 model, tokenizer, [format_prompt(tokenizer, p) for p in prompts], max_new_tokens=cfg.generation.max_new_tokens,
-                temperature=0.0, batch_size=cfg.generation.batch_size, decode_batch_size=cfg.generation.decode_batch_size,
-                prefill_tokens=cfg.generation.prefill_tokens, desc=f"RM-scoring {checkpoint.name}", progress=progress,
+                temperature=0.0, **batching(cfg.generation), desc=f"RM-scoring {checkpoint.name}", progress=progress,
             )
             del model
         step = int(checkpoint.name.split("-")[1])

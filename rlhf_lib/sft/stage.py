@@ -33,7 +33,7 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
     """
     from rlhf_lib.data.splits import validation_split
     from rlhf_lib.data.study import StudyData
-    from rlhf_lib.generation import sample_texts
+    from rlhf_lib.generation import batching, sample_texts
     from rlhf_lib.pipeline import cached_stage
 
     data = StudyData.load(paths.require("data") / "study")
@@ -80,10 +80,8 @@ def run_sft_stage(cfg: StudyConfig, paths, progress: bool = True) -> Path:
             eval_rows = list(data.split("eval"))[: cfg.generation.batch_size]
             model, tokenizer = load_policy(stage.dir / "policy")
             texts = [format_prompt(tokenizer, r["prompt"]) for r in eval_rows]
-            kwargs = dict(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0,
-                          batch_size=cfg.generation.batch_size,
-                          decode_batch_size=cfg.generation.decode_batch_size,
-                          prefill_tokens=cfg.generation.prefill_tokens, progress=progress)
+            kwargs = dict(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0, **batching(cfg.generation),
+                          progress=progress)
             sft_out = sample_texts(model, tokenizer, texts, desc="SFT samples", **kwargs)
             with base_weights(model, cfg) as base:
                 base_out = sample_texts(base, tokenizer, texts, desc="base samples", **kwargs)
