@@ -13,9 +13,12 @@ interleaved over `--repeats` rounds (the median is reported), beside an fp32 mat
   sft step, fused the same step as notebook 02's SFTTrainer (TRL 1.16) runs it: its fused LM head (trl's
                   `add_fused_lm_head`, with the log-probs, entropy and top-1 it asks for) projects through the LM
                   head in tiles and never holds the [tokens, vocabulary] logits
-  ... prompt masked  both SFT steps with the loss on the last third of each row only (-100 before it), about the
+  ... prompt masked  the SFT steps with the loss on the last third of each row only (-100 before it), about the
                   response share of notebook 02's sequences (prompts <= 128 tokens, responses <= 48): the fused
                   head then projects only those positions; the plain step still computes every logit
+  sft step, labelled head  the step notebook 02 takes on the CPU presets (`sft.fused_lm_head = false`):
+                  rlhf_lib.sft.train.labelled_token_loss, the decoder as usual and the LM head only at the
+                  labelled positions, with a plain log-softmax
   rm step         the end-to-end LoRA RM (GPU presets): forward to the last hidden states, a scalar head on the
                   mean of each row's states, a pairwise loss, backward, AdamW, at `reward.forward_batch` rows
   rm features     the CPU RM's cached-feature pass (rlhf_lib.reward, `method = "cached_head"`): forward only, no
@@ -25,7 +28,10 @@ interleaved over `--repeats` rounds (the median is reported), beside an fp32 mat
 FLOPs counted: a forward is 2 x parameters x tokens (attention's own matmuls are left out: at these lengths they
 are a few percent). A LoRA backward through frozen weights computes the inputs' gradients (another 2 x N x T) but no
 weight gradients for the frozen matrices, so a LoRA step is counted as 4 x N x T (6 x N x T for full fine-tuning,
-which nothing here does). "% of bound" is the time those FLOPs take at the matmul rate over the measured time.
+which nothing here does). With the prompt masked, the count is what the loss needs: the LM head (the tied
+embedding matrix) only at the labelled positions, 4 x (N - N_head) x T + 4 x N_head x T_labelled, for every design
+of that loss alike, so a design that computes logits nobody reads gets no credit for them. "% of matmul rate" is
+the time the counted FLOPs take at the matmul rate over the measured time.
 """
 
 from __future__ import annotations
@@ -73,6 +79,19 @@ def fused_sft_step(model, optimizer, batch: torch.Tensor, labels: torch.Tensor):
     def step() -> None:
         out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=labels, fused_lm_head=True)
         out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def labelled_head_sft_step(model, optimizer, batch: torch.Tensor, labels: torch.Tensor):
+    """One causal-LM LoRA step as the SFT stage takes it on the CPU presets: the LM head at labelled positions only."""
+    from rlhf_lib.sft.train import labelled_token_loss
+
+    def step() -> None:
+        labelled_token_loss(model, {"input_ids": batch, "attention_mask": torch.ones_like(batch), "labels": labels}
+                            ).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -128,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
     vocab = models.load_tokenizer(cfg.model.name).vocab_size
     trainable = [p for p in model.parameters() if p.requires_grad]
-    head = models.ScalarHead(models.hidden_size_of(model))
+    head_module = models.ScalarHead(models.hidden_size_of(model))
     sft_optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    rm_optimizer = torch.optim.AdamW([*trainable, *head.parameters()], lr=1e-5)
+    rm_optimizer = torch.optim.AdamW([*trainable, *head_module.parameters()], lr=1e-5)
     frozen = merged_copy(model).eval()
     frozen.requires_grad_(False)
 
@@ -146,22 +165,38 @@ def main(argv: list[str] | None = None) -> int:
     # As SFTTrainer does: the plain forward stays the original, `fused_lm_head=True` takes the tiled head.
     add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
     rm_batch = tokens(cfg.reward.forward_batch, cfg.reward.max_seq_tokens)
-    designs = {  # name -> (step, tokens per call, FLOPs per token per parameter)
-        f"sft step ({shape})": (sft_step(model, sft_optimizer, sft_batch, sft_batch), sft_batch.numel(), 4),
-        f"sft step, fused ({shape})": (fused_sft_step(model, sft_optimizer, sft_batch, sft_batch), sft_batch.numel(), 4),
+    head = model.get_output_embeddings().weight.numel()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # Parameters a token's forward multiplies by: the input embedding is a lookup (unless it is the tied head).
+    matmul_params = n_params - (0 if tied else model.get_input_embeddings().weight.numel())
+    full = 4 * matmul_params * sft_batch.numel()
+    labelled = int((response_labels[:, 1:] != -100).sum())
+    needed = 4 * (matmul_params - head) * sft_batch.numel() + 4 * head * labelled
+    full_text, needed_text = "4 x N x T", f"4 x (N - N_head) x T + 4 x N_head x T_labelled ({labelled})"
+    designs = {  # name -> (step, tokens per call, FLOPs counted per call, how they were counted)
+        f"sft step ({shape})": (sft_step(model, sft_optimizer, sft_batch, sft_batch), sft_batch.numel(), full, full_text),
+        f"sft step, fused ({shape})": (fused_sft_step(model, sft_optimizer, sft_batch, sft_batch), sft_batch.numel(),
+                                       full, full_text),
         f"sft step, prompt masked ({shape})": (sft_step(model, sft_optimizer, sft_batch, response_labels),
-                                               sft_batch.numel(), 4),
+                                               sft_batch.numel(), needed, needed_text),
         f"sft step, fused, prompt masked ({shape})": (
-            fused_sft_step(model, sft_optimizer, sft_batch, response_labels), sft_batch.numel(), 4),
-        f"rm step ({cfg.reward.forward_batch} x {cfg.reward.max_seq_tokens})": (rm_step(model, head, rm_optimizer, rm_batch), rm_batch.numel(), 4),
-        "rm features, adapter unmerged": (feature_pass(model, rm_batch), rm_batch.numel(), 2),
-        "rm features, adapter merged": (feature_pass(frozen, rm_batch), rm_batch.numel(), 2),
+            fused_sft_step(model, sft_optimizer, sft_batch, response_labels), sft_batch.numel(), needed, needed_text),
+        f"sft step, labelled head, prompt masked ({shape})": (
+            labelled_head_sft_step(model, sft_optimizer, sft_batch, response_labels), sft_batch.numel(), needed,
+            needed_text),
+        f"rm step ({cfg.reward.forward_batch} x {cfg.reward.max_seq_tokens})": (
+            rm_step(model, head_module, rm_optimizer, rm_batch), rm_batch.numel(), 4 * matmul_params * rm_batch.numel(),
+            full_text),
+        "rm features, adapter unmerged": (feature_pass(model, rm_batch), rm_batch.numel(),
+                                          2 * matmul_params * rm_batch.numel(), "2 x N x T"),
+        "rm features, adapter merged": (feature_pass(frozen, rm_batch), rm_batch.numel(),
+                                        2 * matmul_params * rm_batch.numel(), "2 x N x T"),
     }
     load_before = os.getloadavg()[0]
     gflops, seconds = [], {name: [] for name in designs}
     for round_index in range(args.repeats):
         gflops.append(matmul_gflops())
-        for name, (step, _, _) in designs.items():
+        for name, (step, _, _, _) in designs.items():
             seconds[name].append(timed_steps(step, args.steps))
             print(f"round {round_index + 1} {name}: {seconds[name][-1]:.2f} s per call", flush=True)
     rate = statistics.median(gflops)
@@ -175,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         "| design | s per call | tokens per call | tokens/s | FLOPs counted | GFLOP/s | % of matmul rate |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, (_, n_tokens, per_token) in designs.items():
+    for name, (_, n_tokens, flops, counted) in designs.items():
         s = statistics.median(seconds[name])
-        achieved = per_token * n_params * n_tokens / s / 1e9
-        lines.append(f"| {name} | {s:.2f} | {n_tokens} | {n_tokens / s:.0f} | {per_token} x N x T | {achieved:.0f} | "
+        achieved = flops / s / 1e9
+        lines.append(f"| {name} | {s:.2f} | {n_tokens} | {n_tokens / s:.0f} | {counted} | {achieved:.0f} | "
                      f"{100 * achieved / rate:.0f}% |")
     publish(lines, args.out)
     return 0

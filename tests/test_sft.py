@@ -43,6 +43,72 @@ def test_model_loss_trainer_gives_trls_fused_loss(micro_tokenizer, tmp_path):
     assert losses["model"] > 1.0  # a random model's loss: the comparison is not between two zeros
 
 
+def test_labelled_token_loss_is_the_models_loss_and_gradient():
+    """The head applied at labelled positions only: the model's own loss and LoRA gradients, with padding, a prompt
+    masked out, and with and without the Trainer's token count."""
+    from rlhf_lib import models
+    from rlhf_lib.sft.train import labelled_token_loss, projects_only_labelled
+
+    torch.manual_seed(0)
+    model = models.lora_from_config(models.load_causal_lm("micro", dtype="float32"), load_preset("micro").model)
+    with torch.no_grad():  # a trained-looking adapter, so its gradients are not those of B = 0
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    assert projects_only_labelled(model)
+    ids = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(1)).to(model.device)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100
+    for count in (torch.tensor(11), None):
+        losses, grads = [], []
+        for ours in (False, True):
+            model.zero_grad()
+            if ours:
+                loss = labelled_token_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, count)
+            else:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[0] > 1.0
+        assert torch.allclose(grads[1], grads[0], rtol=1e-5, atol=1e-7) and grads[0].abs().max() > 0
+
+
+def test_a_logit_transform_keeps_the_models_own_loss():
+    """gemma 2's tanh cap changes the logits after the head: such a model must not take labelled_token_loss."""
+    from rlhf_lib import models
+    from rlhf_lib.sft.train import projects_only_labelled
+
+    model = models.load_causal_lm("micro", dtype="float32")
+    model.config.final_logit_softcapping = 30.0
+    assert not projects_only_labelled(model)
+
+
+def test_model_loss_trainer_trains_as_trls(micro_tokenizer, tmp_path):
+    """The training loss of one step through labelled_token_loss is TRL's (fused head), and so is the update."""
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf_lib import models
+    from rlhf_lib.sft.train import _model_loss_sft_trainer
+
+    dataset = demonstrations_dataset(micro_tokenizer, PAIRS)
+    losses, weights = {}, {}
+    for name, trainer_class in (("fused", SFTTrainer), ("model", _model_loss_sft_trainer())):
+        torch.manual_seed(0)
+        model = models.load_causal_lm("micro", dtype="float32")
+        args = SFTConfig(output_dir=str(tmp_path / name), report_to="none", bf16=False, completion_only_loss=True,
+                         per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, save_strategy="no",
+                         logging_steps=1, seed=0, use_cpu=model.device.type == "cpu")
+        trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=micro_tokenizer)
+        trainer.train()
+        losses[name] = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        weights[name] = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+    assert len(losses["model"]) == 2 and losses["model"] == pytest.approx(losses["fused"], rel=1e-4)
+    assert torch.allclose(weights["model"], weights["fused"], atol=1e-5)
+
+
 def test_only_response_tokens_carry_loss(micro_tokenizer):
     from trl import SFTConfig, SFTTrainer
 

@@ -96,12 +96,47 @@ def trl_common_args(cfg: StudyConfig, progress: bool, part: str = "sft") -> dict
 
 
 
+# Configuration fields by which a model's logits are more than its LM head's output (gemma 2's tanh cap, Cohere's and
+# Granite's scale): such a model keeps its own forward for the loss.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def projects_only_labelled(model) -> bool:
+    """Whether `labelled_token_loss` computes `model`'s own loss: a causal LM whose logits are its LM head's output."""
+    config = model.config
+    return all(getattr(config, name, None) is None for name in _LOGIT_TRANSFORMS) and hasattr(model, "get_decoder")
+
+
+def labelled_token_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None
+                        ) -> torch.Tensor:
+    """The causal-LM cross-entropy of transformers' models, with the LM head applied only where a label is.
+
+    A model's own loss projects every position through the [hidden, vocabulary] head and takes a full-vocabulary
+    log-softmax of each, then drops the prompt positions (label -100): at notebook 02's shapes about two thirds of
+    that work, and of its [tokens, vocabulary] gradient, is thrown away. Here the decoder runs as usual, the final
+    states are gathered at the labelled positions (shifted by one, as the model's loss shifts them), and only those
+    go through the head. Same reduction as transformers': summed over labelled tokens and divided by
+    `num_items_in_batch` when given (the Trainer's count over the accumulated batch), else their mean.
+    """
+    targets = inputs["labels"][:, 1:]
+    keep = targets != -100
+    decoder_inputs = {name: inputs[name] for name in ("input_ids", "attention_mask", "position_ids") if name in inputs}
+    hidden = model.get_decoder()(**decoder_inputs, use_cache=False).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    if torch.is_tensor(count):
+        count = count.to(loss.device)
+    return loss / count
+
+
 def _model_loss_sft_trainer():
-    """SFTTrainer whose loss is the model's own (transformers' `Trainer.compute_loss`: full logits, the same
-    token-averaged cross-entropy on the labelled tokens) instead of TRL 1.16's fused LM head, which SFTTrainer
-    always takes and which is 1.3-1.6x slower per step on the 2-core CPU. TRL's entropy and token-accuracy
-    metrics, computed by its own compute_loss, are then not logged; the study reads only the losses and, to resume,
-    the running token count (num_tokens), which is kept here as TRL keeps it."""
+    """SFTTrainer whose training loss is `labelled_token_loss` instead of TRL 1.16's fused LM head, which SFTTrainer
+    always takes and which is slower per step on the 2-core CPU (bench/results/training_bench.md). Evaluation, and
+    a model `labelled_token_loss` cannot serve (a logit transform, or several processes, where the forward must go
+    through the distributed wrapper), use transformers' `Trainer.compute_loss`: the model's own loss, the same
+    number. TRL's entropy and token-accuracy metrics, computed by its own compute_loss, are then not logged; the
+    study reads only the losses and, to resume, the running token count (num_tokens), which is kept as TRL keeps it."""
     from transformers import Trainer
     from trl import SFTTrainer
 
@@ -112,6 +147,10 @@ def _model_loss_sft_trainer():
                 tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
                 self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            if (not return_outputs and "labels" in inputs and self.accelerator.num_processes == 1
+                    and projects_only_labelled(model)):
+                # The Trainer hands the model the token count only when the model accepts it; mirror that.
+                return labelled_token_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
