@@ -10,6 +10,10 @@ Designs, each in its own subprocess so that its peak RSS (ru_maxrss) is its own:
   shared@8   the shared design at TRL's side-by-side settings (batch 8, one minibatch, 32 tokens)
   shared@8+gc  the same with gradient checkpointing in the update (`model.gradient_checkpointing`): less
              activation memory for recomputed forwards
+  shared@8+gc+mid  the same with an RM whose head reads the middle block (hidden_states[n/2], the mean over the
+             response: `reward.feature_layers`' first depth, `reward.pooling`): the value and reward forwards stop
+             there. Not TRL's set-up (its RM and value read the last block); it shows what the study gains when
+             its RM picks that depth
   TRL        bench_trl_ppo.py (TRL 1.10 trl.experimental.ppo.PPOTrainer, full and LoRA) in its own venv
 
 Both our designs time exactly the iteration body of train_ppo (collect_rollout + ppo_update) without
@@ -100,7 +104,7 @@ def build_separate(cfg, sft_dir: Path, rm_dir: Path):
     return roles, models.load_tokenizer(cfg.model.name)
 
 
-def run_design(design: str, preset: str, overrides: dict, artifacts: Path, iterations: int) -> dict:
+def run_design(design: str, preset: str, overrides: dict, artifacts: Path, iterations: int, rm: str = "rm") -> dict:
     """Child process: build the roles, then time `iterations` PPO iterations (rollout + update)."""
     import torch
 
@@ -110,9 +114,9 @@ def run_design(design: str, preset: str, overrides: dict, artifacts: Path, itera
     cfg = load_preset(preset, overrides)
     started = time.time()
     if design == "separate":
-        roles, tokenizer = build_separate(cfg, artifacts / "sft", artifacts / "rm")
+        roles, tokenizer = build_separate(cfg, artifacts / "sft", artifacts / rm)
     else:
-        roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm")
+        roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / rm)
     setup_s = time.time() - started
     optimizer = build_optimizer(roles, cfg.ppo)
     rollout_s = update_s = 0.0
@@ -139,7 +143,8 @@ def run_design(design: str, preset: str, overrides: dict, artifacts: Path, itera
         "mean_response_tokens": round(sum(lengths) / len(lengths), 1), "threads": torch.get_num_threads(),
         "settings": {
             "rollout_batch": cfg.ppo.rollout_batch, "minibatch": cfg.ppo.minibatch, "ppo_epochs": cfg.ppo.ppo_epochs,
-            "max_new_tokens": cfg.generation.max_new_tokens, "lora_rank": cfg.model.lora_rank, "model": cfg.model.name},
+            "max_new_tokens": cfg.generation.max_new_tokens, "lora_rank": cfg.model.lora_rank, "model": cfg.model.name,
+            "rm_layer": roles.reward_layer},
     }
 
 
@@ -169,6 +174,8 @@ def make_artifacts(preset: str, root: Path) -> None:
         else:
             head = models.ScalarHead(models.hidden_size_of(lm))
             save_reward_dir(lm, "default", head, root / "rm", cfg.model.name, bias=0.0)
+            save_reward_dir(lm, "default", head, root / "rm_mid", cfg.model.name, bias=0.0, pooling="mean_response",
+                            layer=models.block_count(lm) // 2)
 
 
 def run_child(command: list[str], env: dict) -> dict:
@@ -199,7 +206,7 @@ def report(results: list[dict], command: str, preset: str, started: str, load_be
             continue
         settings = r.get("settings", {})
         brief = ", ".join(f"{k}={v}" for k, v in settings.items() if k in (
-            "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "lora_rank"))
+            "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "lora_rank", "rm_layer"))
         lines.append(f"| {r['design']} | {r['episodes']} | {r['episodes_per_s']} | {r.get('rollout_s', '')} | "
                      f"{r.get('update_s', '')} | {r['setup_s']} | {r['peak_rss_mb']} | {brief or 'batch 8, 32 tokens'} |")
     lines += ["", "Raw results:", "", "```json", json.dumps(results, indent=1), "```", ""]
@@ -223,7 +230,8 @@ def main() -> None:
 
         if job["threads"]:
             torch.set_num_threads(job["threads"])
-        print(json.dumps(run_design(job["design"], job["preset"], job["overrides"], Path(job["artifacts"]), job["iterations"])))
+        print(json.dumps(run_design(job["design"], job["preset"], job["overrides"], Path(job["artifacts"]), job["iterations"],
+                                    job.get("rm", "rm"))))
         return
 
     started, load_before = datetime.now(UTC).isoformat(timespec="seconds"), os.getloadavg()[0]
@@ -238,9 +246,11 @@ def main() -> None:
             name, overrides = {
                 "shared@8": ("shared", batch8),
                 "shared@8+gc": ("shared", {**batch8, "model.gradient_checkpointing": True}),
+                "shared@8+gc+mid": ("shared", {**batch8, "model.gradient_checkpointing": True}),
             }.get(design, (design, {}))
             job = {"design": name, "preset": args.preset, "overrides": overrides, "artifacts": str(artifacts),
-                   "iterations": args.iterations, "threads": args.threads}
+                   "iterations": args.iterations, "threads": args.threads,
+                   "rm": "rm_mid" if design.endswith("+mid") else "rm"}
             result = run_child([sys.executable, __file__, "--child", json.dumps(job)], env)
             result["design"] = design
             results.append(result)

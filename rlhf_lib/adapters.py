@@ -18,6 +18,7 @@ names below them are re-exported here for code written against this module.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ from rlhf_lib.artifacts import (  # re-exported: their home before rlhf_lib.arti
 )
 
 TRAINABLE_ATTR = "_rlhf_trainable_adapters"  # set on the PeftModel: names of adapters that train
+FROZEN_ATTR = "_rlhf_frozen_parameters"  # set on the PeftModel: parameters of trainable adapters that stay frozen
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,11 +60,29 @@ def _adapter_of(param_name: str, adapters: Sequence[str]) -> str | None:
 
 
 def apply_trainability(peft_model) -> None:
-    """requires_grad = True exactly on the adapters recorded as trainable; everything else frozen."""
+    """requires_grad = True exactly on the adapters recorded as trainable (less the parameters `freeze_blocks_from`
+    recorded); everything else frozen."""
     trainable = getattr(peft_model, TRAINABLE_ATTR, set())
+    frozen = getattr(peft_model, FROZEN_ATTR, frozenset())
     adapters = list(peft_model.peft_config)
     for name, param in peft_model.named_parameters():
-        param.requires_grad_(_adapter_of(name, adapters) in trainable)
+        param.requires_grad_(_adapter_of(name, adapters) in trainable and name not in frozen)
+
+
+def freeze_blocks_from(peft_model, adapter: str, first_block: int) -> int:
+    """Keep adapter `adapter`'s weights in blocks `first_block` and above frozen from now on (returns how many
+    tensors). For a head that reads hidden_states[first_block]: those blocks cannot change what it reads, so their
+    gradient is exactly zero, and they no longer run (rlhf_lib.models.hidden_layer); DistributedDataParallel
+    expects a gradient for every trainable parameter."""
+    adapters = list(peft_model.peft_config)
+    frozen = set(getattr(peft_model, FROZEN_ATTR, frozenset()))
+    for name, _ in peft_model.named_parameters():
+        block = re.search(r"\.layers\.(\d+)\.", name)
+        if block and int(block.group(1)) >= first_block and _adapter_of(name, adapters) == adapter:
+            frozen.add(name)
+    setattr(peft_model, FROZEN_ATTR, frozenset(frozen))
+    apply_trainability(peft_model)
+    return len(frozen)
 
 
 def attach_adapter(model, adapter_dir: str | Path | None, name: str, trainable: bool, lora_config=None):
@@ -145,6 +165,7 @@ def score_token_ids(
 
 
 __all__ = [
-    "META", "RM_ADAPTER", "RM_HEAD", "TRAINABLE_ATTR", "apply_trainability", "attach_adapter", "freeze_dropout",
+    "FROZEN_ATTR", "META", "RM_ADAPTER", "RM_HEAD", "TRAINABLE_ATTR", "apply_trainability", "attach_adapter",
+    "freeze_blocks_from", "freeze_dropout",
     "is_reward_dir", "read_meta", "save_policy_dir", "save_reward_dir", "score_token_ids", "use_adapter",
 ]

@@ -212,8 +212,9 @@ class RewardModel:
         """[len(layers), B, H] pooled hidden states of each layer (default: this RM's): what the head reads."""
         batch = self.encode(prompts, responses, ended)
         mask = batch["attention_mask"]
-        states = models.hidden_states(self.model, batch["input_ids"], mask)
-        layers = [self.layer] if layers is None else list(layers)
+        blocks = models.block_count(self.model)
+        layers = [layer % (blocks + 1) for layer in ([self.layer] if layers is None else layers)]
+        states = models.hidden_states(self.model, batch["input_ids"], mask, through=max(layers))  # blocks above: unread
         pooled = [models.pool_states(states[i], mask, batch["response_mask"], self.pooling) for i in layers]
         return torch.stack(pooled).to(self.head.linear.weight.dtype)
 

@@ -264,3 +264,45 @@ def test_the_gpt_baseline_says_what_it_is():
     assert "pretrained (base) LM like the paper's" in models.baseline_description("gemma-3-270m")
     assert "check its model card" in models.baseline_description("Qwen/Qwen2.5-1.5B")
     assert {spec.kind for spec in models.REGISTRY.values()} <= {"pretrained", "instruction-tuned", "random"}
+
+
+def test_a_middle_layer_is_read_from_the_blocks_below_it_alone():
+    """hidden_layer(k) runs only blocks 1..k: the same states and LoRA gradients as a forward through every block,
+    the upper block never called, and the model whole again afterwards (also after an error)."""
+    torch.manual_seed(0)
+    model = models.add_lora(models.load_causal_lm("micro", dtype="float32"), rank=4, alpha=8,
+                            target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1)).to(model.device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    blocks = models.block_count(model)
+    assert blocks == 2
+    first = models.hidden_layer(model, ids, mask, 1)  # the model's first forward: before any through every block
+    full = models.hidden_states(model, ids, mask)
+    assert len(full) == blocks + 1  # a whole forward after a truncated one still records every block
+    torch.testing.assert_close(first, full[1], atol=0, rtol=0)
+    calls = []
+    hooks = [block.register_forward_hook(lambda *_, i=i: calls.append(i))
+             for i, block in enumerate(model.get_decoder().layers)]
+    for layer in (0, 1, 2, -1):
+        calls.clear()
+        torch.testing.assert_close(models.hidden_layer(model, ids, mask, layer), full[layer], atol=0, rtol=0)
+        assert calls == ([0] if layer == 1 else [0, 1]), (layer, calls)
+    for hook in hooks:
+        hook.remove()
+
+    def lora_grads(states: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        (states * torch.linspace(-1, 1, states.shape[-1], device=states.device)).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    torch.testing.assert_close(lora_grads(models.hidden_layer(model, ids, mask, 1)),
+                               lora_grads(models.hidden_states(model, ids, mask)[1]))
+    decoder = model.get_decoder()
+    with pytest.raises(RuntimeError), models.first_blocks_only(model, 1):
+        raise RuntimeError("interrupted")
+    assert len(decoder.layers) == blocks and not isinstance(decoder.norm, torch.nn.Identity)

@@ -46,6 +46,7 @@ from rlhf_lib.ppo import (
     train_ppo,
     value_loss,
 )
+from rlhf_lib.ppo.rollout import trim_left_padding
 from rlhf_lib.prompting import format_prompt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -831,3 +832,34 @@ def test_health_figure_overlays_runs_and_marks_the_chosen_iteration(tmp_path):
     picked = data[(data["source"] == "validation") & data["chosen"]]
     assert picked["iteration"].tolist() == [0]
     assert data[(data["source"] == "training") & data["collapsed"]]["iteration"].tolist() == [3]
+
+
+def test_a_value_reading_a_middle_layer_trains_only_the_blocks_below(tmp_path, artifacts):
+    """An RM whose head reads hidden_states[1] (of 2 blocks): the value (which starts as the RM) and the reward run
+    block 1 no more, so its value-adapter weights stay frozen through role switches and updates (their gradient is
+    zero); the values and scores are those of a forward through every block."""
+    torch.manual_seed(2)
+    head = models.ScalarHead(models.MICRO_CONFIG["hidden_size"])
+    save_reward_dir(_random_lora(3), "default", head, tmp_path / "rm", "micro", bias=0.25, layer=1,
+                    pooling="mean_response")
+    cfg = micro_cfg(**{"model.dtype": "float32"})
+    roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", tmp_path / "rm")
+    trainable = roles.named_trainable()
+    value_block_1 = [n for n in trainable if ".layers.1." in n and ".value." in n]
+    assert not value_block_1 and any(".layers.0." in n and ".value." in n for n in trainable)
+    assert any(".layers.1." in n and ".policy." in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in roles.named_parameters() if ".layers.1." in n and "lora_A.value" in n}
+    below = {n: p.detach().clone() for n, p in roles.named_parameters() if ".layers.0." in n and "lora_B.value" in n}
+    assert frozen and below
+    rollout = collect_rollout(roles, tokenizer, PROMPTS[:4], cfg, kl_beta=0.02, seed=0)
+    ids, mask, length = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
+    with torch.no_grad(), roles.role("value") as model:  # every block, then hidden_states[1]
+        states = models.hidden_states(model, *trim_left_padding(ids, mask))[1]
+        torch.testing.assert_close(roles.value_head(states)[:, -length - 1 : -1] * rollout.response_mask,
+                                   rollout.values, atol=1e-6, rtol=0)
+    optimizer = build_optimizer(roles, cfg.ppo)
+    ppo_update(roles, optimizer, rollout, cfg.ppo, 2, torch.Generator().manual_seed(0))
+    params = dict(roles.named_parameters())
+    assert all(torch.equal(params[n], before) for n, before in frozen.items())
+    assert not all(torch.equal(params[n], before) for n, before in below.items())
+    assert not any(params[n].requires_grad for n in frozen)

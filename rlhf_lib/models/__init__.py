@@ -32,6 +32,8 @@ from __future__ import annotations
 from rlhf_lib.models.heads import (
     POOLINGS,
     ScalarHead,
+    block_count,
+    first_blocks_only,
     hidden_layer,
     hidden_size_of,
     hidden_states,
@@ -101,6 +103,8 @@ __all__ = [
     "check_gguf",
     "checkpoint_path",
     "gguf_digests",
+    "block_count",
+    "first_blocks_only",
     "hidden_layer",
     "hidden_size_of",
     "hidden_states",

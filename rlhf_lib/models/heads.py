@@ -1,9 +1,14 @@
 """Heads on a causal LM's hidden states: the ScalarHead (reward model, value function), hidden states with
 positions counted over attended tokens (left padding shifts nothing), and pooling a row to one vector.
+
+A head that reads block k of n runs only the first k blocks (`hidden_states(..., through=k)`): the blocks above
+cannot change what it reads, so their forward (and, for a trained value head, their backward) is skipped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,23 +63,80 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _decoder(model: nn.Module) -> nn.Module | None:
+    """The module that holds a causal LM's blocks (`layers`) and final `norm`, through a peft wrapper; None if the
+    model is not laid out so (then every block runs)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if isinstance(getattr(decoder, "layers", None), nn.ModuleList) and isinstance(getattr(decoder, "norm", None), nn.Module):
+        return decoder
+    return None
+
+
+def block_count(model: nn.Module) -> int:
+    """Transformer blocks of a causal LM (`hidden_states` has one more entry: the embeddings)."""
+    config = model.config
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
+
+
+@contextmanager
+def first_blocks_only(model: nn.Module, blocks: int) -> Iterator[bool]:
+    """Within: the model runs only its first `blocks` blocks and leaves out the final norm, so the last entry of
+    `hidden_states` is block `blocks`' own output, as in a forward through every block. Yields whether it could
+    (False: a model without `layers` and `norm`, left whole)."""
+    decoder = _decoder(model)
+    if decoder is None:
+        yield False
+        return
+    try:  # transformers 5 records hidden states by hooks it installs on the blocks present at the first forward
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # older versions collect them in the forward itself
+        pass
+    else:
+        maybe_install_capturing_hooks(decoder)  # on every block now, or a later whole forward would miss the upper ones
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers, decoder.norm = nn.ModuleList(list(layers)[:blocks]), nn.Identity()
+    try:
+        yield True
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+def hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, through: int | None = None
+) -> tuple[torch.Tensor, ...]:
     """Every layer's hidden states [batch, seq, hidden] of one forward pass (0 = embeddings, -1 = the last layer,
-    after the final norm), with positions counted over attended tokens so left padding shifts nothing."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=True,
-        use_cache=False,
-        logits_to_keep=1,  # only the hidden states are needed; skip the LM head over every position
-    )
-    return out.hidden_states
+    after the final norm), with positions counted over attended tokens so left padding shifts nothing.
+
+    through=k (0 < k < blocks): only the entries 0..k, computed by the first k blocks alone (the same numbers).
+    """
+
+    def forward() -> tuple[torch.Tensor, ...]:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=1,  # only the hidden states are needed; skip the LM head over every position
+        )
+        return out.hidden_states
+
+    if through is None or not 0 < through < block_count(model):
+        return forward()
+    with first_blocks_only(model, through) as truncated:
+        states = forward()
+    if truncated and len(states) != through + 1:
+        raise RuntimeError(f"{type(model).__name__} returned {len(states)} hidden states from its first {through} blocks, "
+                           f"not {through + 1}: read them with through=None.")
+    return states[: through + 1]
 
 
 def hidden_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """[batch, seq, hidden] hidden states after block `layer` (an index into `hidden_states`)."""
-    return hidden_states(model, input_ids, attention_mask)[layer]
+    """[batch, seq, hidden] hidden states after block `layer` (an index into `hidden_states`); only the blocks up
+    to it run."""
+    index = layer % (block_count(model) + 1)
+    return hidden_states(model, input_ids, attention_mask, through=index)[index]
 
 
 def scalar_outputs(

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_lib import models
-from rlhf_lib.adapters import apply_trainability, attach_adapter, freeze_dropout, score_token_ids, use_adapter
+from rlhf_lib.adapters import (
+    apply_trainability,
+    attach_adapter,
+    freeze_blocks_from,
+    freeze_dropout,
+    score_token_ids,
+    use_adapter,
+)
 from rlhf_lib.artifacts import RM_ADAPTER, RM_HEAD, RewardModel, read_meta
 from rlhf_lib.config import StudyConfig
 from rlhf_lib.ppo.core import logprobs_and_entropy, masked_mean
@@ -250,6 +257,9 @@ def build_roles(
             reward_fn = score_with_rm
     model.set_adapter("policy")
     apply_trainability(model)
+    value_block = value_layer % (models.block_count(model) + 1)
+    if 0 < value_block < models.block_count(model):  # the value reads a middle layer: the blocks above never run
+        freeze_blocks_from(model, "value", value_block)
     value_head.float().requires_grad_(True)
     freeze_dropout(model)
     model.eval()  # dropout off everywhere; gradients flow in eval mode too
