@@ -8,12 +8,13 @@ Designs, each in its own subprocess so that its peak RSS (ru_maxrss) is its own:
   shared     rlhf_lib.ppo as used by train_ppo: one base, adapters policy/reference/value/reward
   separate   the same PPO code, but every role its own copy of the base (policy, reference, value, reward)
   shared@8   the shared design at TRL's side-by-side settings (batch 8, one minibatch, 32 tokens)
-  shared@8+gc  the same with gradient checkpointing in the update (`model.gradient_checkpointing`): less
-             activation memory for recomputed forwards
-  shared@8+gc+mid  the same with an RM whose head reads the middle block (hidden_states[n/2], the mean over the
-             response: `reward.feature_layers`' first depth, `reward.pooling`): the value and reward forwards stop
-             there. Not TRL's set-up (its RM and value read the last block); it shows what the study gains when
-             its RM picks that depth
+  ...+gc     with gradient checkpointing in the update (`model.gradient_checkpointing`): less activation
+             memory for recomputed forwards
+  ...+mid     with an RM whose head reads the middle block (hidden_states[n/2], the mean over the response:
+             `reward.feature_layers`' first depth, `reward.pooling`): the value and reward forwards stop there.
+             Not TRL's set-up (its RM and value read the last block); it shows what the study gains when its RM
+             picks that depth
+  (options combine: shared@8+gc+mid)
   TRL        bench_trl_ppo.py (TRL 1.10 trl.experimental.ppo.PPOTrainer, full and LoRA) in its own venv
 
 Both our designs time exactly the iteration body of train_ppo (collect_rollout + ppo_update) without
@@ -243,14 +244,12 @@ def main() -> None:
         artifacts = Path(tmp)
         make_artifacts(args.preset, artifacts)
         for design in args.designs.split(","):
-            name, overrides = {
-                "shared@8": ("shared", batch8),
-                "shared@8+gc": ("shared", {**batch8, "model.gradient_checkpointing": True}),
-                "shared@8+gc+mid": ("shared", {**batch8, "model.gradient_checkpointing": True}),
-            }.get(design, (design, {}))
+            base, *options = design.split("+")
+            name, overrides = ("shared", dict(batch8)) if base == "shared@8" else (base, {})
+            if "gc" in options:
+                overrides["model.gradient_checkpointing"] = True
             job = {"design": name, "preset": args.preset, "overrides": overrides, "artifacts": str(artifacts),
-                   "iterations": args.iterations, "threads": args.threads,
-                   "rm": "rm_mid" if design.endswith("+mid") else "rm"}
+                   "iterations": args.iterations, "threads": args.threads, "rm": "rm_mid" if "mid" in options else "rm"}
             result = run_child([sys.executable, __file__, "--child", json.dumps(job)], env)
             result["design"] = design
             results.append(result)

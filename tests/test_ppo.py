@@ -863,3 +863,27 @@ def test_a_value_reading_a_middle_layer_trains_only_the_blocks_below(tmp_path, a
     assert all(torch.equal(params[n], before) for n, before in frozen.items())
     assert not all(torch.equal(params[n], before) for n, before in below.items())
     assert not any(params[n].requires_grad for n in frozen)
+
+
+@pytest.mark.parametrize("warm_up", [False, True])
+def test_backward_per_network_is_the_joint_update(artifacts, warm_up):
+    """One process backpropagates the policy's loss (and PPO-ptx's) before the value's forward: the same update as
+    the joint backward DDP needs, in the critic warm-up too (micro-batch pieces, two epochs, ptx on)."""
+    cfg = micro_cfg(**{"model.dtype": "float32", "ppo.ppo_epochs": 2})
+    runs = []
+    for per_network in (False, True):
+        roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm")
+        rollout = collect_rollout(roles, tokenizer, PROMPTS[:4], cfg, kl_beta=0.02, seed=0)
+        optimizer = build_optimizer(roles, dataclasses.replace(cfg.ppo, learning_rate=1e-2))
+        history = ppo_update(roles, optimizer, rollout, cfg.ppo, 4, torch.Generator().manual_seed(0),
+                             micro_batch_size=2, ptx_coef=0.5, update_policy=not warm_up,
+                             ptx_sampler=CountingSampler(tokenizer, next(roles.parameters()).device),
+                             backward_per_network=per_network)
+        runs.append((history, {n: p.detach().clone() for n, p in roles.named_trainable().items()}))
+    (joint_history, joint), (split_history, split) = runs
+    for name in ("loss", "policy_loss", "value_loss", "ptx_loss", "grad_norm", "value_grad_norm"):
+        assert [h[name] for h in split_history] == pytest.approx([h[name] for h in joint_history], rel=1e-5,
+                                                                 nan_ok=True), name
+    assert joint_history[-1]["value_grad_norm"] > 0 and (warm_up or joint_history[-1]["grad_norm"] > 0)
+    for name, value in joint.items():
+        torch.testing.assert_close(split[name], value, atol=1e-6, rtol=1e-5)

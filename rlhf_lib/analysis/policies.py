@@ -177,16 +177,21 @@ class Decoding:
     probe_max_new_tokens: int
     temperature: float
     top_p: float
-    batch_size: int
-    decode_batch_size: int
-    prefill_tokens: int
+    batching: dict[str, int]  # sample_texts' batch_size, decode_batch_size and prefill_tokens (generation.batching)
     seed: int
 
     @classmethod
     def from_config(cls, cfg: StudyConfig) -> Decoding:
+        from rlhf_lib.generation import batching
+
         ev, gen = cfg.evaluation, cfg.generation
         return cls(gen.max_new_tokens, ev.probe_max_new_tokens or gen.max_new_tokens, ev.temperature,
-                   gen.top_p if ev.temperature > 0 else 1.0, gen.batch_size, gen.decode_batch_size, gen.prefill_tokens, cfg.seed)
+                   gen.top_p if ev.temperature > 0 else 1.0, batching(gen), cfg.seed)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per forward where texts are scored rather than sampled."""
+        return self.batching["batch_size"]
 
     def describe(self) -> str:
         how = "greedy" if self.temperature == 0 else f"sampled at temperature {self.temperature:g} (top_p {self.top_p:g})"
@@ -202,8 +207,7 @@ def _generate(model, tokenizer, texts: Sequence[str], dec: Decoding, desc: str, 
     return sample_texts(
         model, tokenizer, list(texts), max_new_tokens=max_new_tokens or dec.max_new_tokens,
         temperature=dec.temperature if temperature is None else temperature, top_p=dec.top_p,
-        batch_size=dec.batch_size, decode_batch_size=dec.decode_batch_size,
-        prefill_tokens=dec.prefill_tokens, seed=dec.seed if seed is None else seed, desc=desc, progress=progress,
+        **dec.batching, seed=dec.seed if seed is None else seed, desc=desc, progress=progress,
     )
 
 

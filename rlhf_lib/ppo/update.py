@@ -84,6 +84,18 @@ class EMA:
                 param.copy_(backup[name])
 
 
+def _policy_term(logprobs: torch.Tensor, rollout: Rollout, rows: torch.Tensor, ppo: PPOConfig) -> torch.Tensor:
+    """The clipped policy loss of rollout rows `rows`, given their new log-probs."""
+    return policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], rollout.response_mask[rows],
+                       ppo.clip_range)[0]
+
+
+def _value_term(values: torch.Tensor, rollout: Rollout, rows: torch.Tensor, ppo: PPOConfig) -> torch.Tensor:
+    """value_loss_coef times the clipped value loss of rollout rows `rows`, given their new values."""
+    return ppo.value_loss_coef * value_loss(values, rollout.values[rows], rollout.returns[rows],
+                                            rollout.response_mask[rows], ppo.value_clip_range)[0]
+
+
 def ppo_update(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -100,6 +112,7 @@ def ppo_update(
     first_step: int = 0,
     ema: EMA | None = None,
     update_policy: bool = True,
+    backward_per_network: bool | None = None,
 ) -> list[dict[str, float]]:
     """Step 7 (+8): `ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch.
 
@@ -110,6 +123,9 @@ def ppo_update(
     `micro_batch_size` rows is run in pieces whose gradients add up to the whole minibatch's (each piece's
     loss is weighted by its share of the minibatch's tokens). Returns one stats dict per optimizer step.
     Raises FloatingPointError on a non-finite loss (on every rank at once) before the step is taken.
+    backward_per_network (default: in one process) backpropagates the policy's loss (with PPO-ptx's) before the
+    value's forward: the same gradients, with one network's activations held at a time instead of both. DDP needs
+    the joint forward of `model` (every trainable parameter in one call), so it is refused there.
     """
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     response_len = rollout.response_ids.shape[1]
@@ -117,6 +133,9 @@ def ppo_update(
     if not update_policy and not policy_group:
         raise ValueError("update_policy=False needs an optimizer whose policy group has role 'policy' (build_optimizer).")
     distributed = accelerator is not None and accelerator.num_processes > 1
+    backward_per_network = not distributed if backward_per_network is None else backward_per_network
+    if distributed and backward_per_network:
+        raise ValueError("backward_per_network needs one process: DDP runs one forward over every network.")
     micro_batch_size = micro_batch_size or minibatch_size
     history: list[dict[str, float]] = []
     step = first_step
@@ -137,30 +156,48 @@ def ppo_update(
             finite, ptx, outputs = True, None, []
             for k, piece in enumerate(pieces):
                 last = k == len(pieces) - 1
-                # DDP all-reduces gradients on the last piece's backward only.
-                sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(model)
-                with sync:
-                    logprobs, entropy, values, piece_ptx = model(
-                        *trim_left_padding(input_ids[piece], attention_mask[piece]), response_len,
-                        ptx_ids if last else None, ptx_mask if last else None,
-                    )
-                    mask = rollout.response_mask[piece]
-                    share = mask.sum() / minibatch_tokens
-                    pg_loss, _ = policy_loss(logprobs, rollout.logprobs[piece], rollout.advantages[piece], mask, ppo.clip_range)
-                    vf_loss, _ = value_loss(values, rollout.values[piece], rollout.returns[piece], mask, ppo.value_clip_range)
-                    # In the critic warm-up the policy term stays in the graph with weight 0: DDP expects a
-                    # gradient (here zero) for every trainable parameter.
-                    loss = share * (pg_loss * float(update_policy) + ppo.value_loss_coef * vf_loss)
-                    if piece_ptx is not None:
-                        ptx = piece_ptx
-                        loss = loss + ptx_coef * piece_ptx
+                ids, ids_mask = trim_left_padding(input_ids[piece], attention_mask[piece])
+                share = rollout.response_mask[piece].sum() / minibatch_tokens  # of the minibatch's tokens
+                if backward_per_network:
+                    # The policy and the value are separate networks on one frozen base, so each loss is
+                    # backpropagated right after its own forward: one network's activations are held at a time.
+                    roles = accelerator.unwrap_model(model) if accelerator is not None else model
+                    backward = accelerator.backward if accelerator is not None else torch.Tensor.backward
+                    with torch.set_grad_enabled(update_policy):  # the critic warm-up: the policy's statistics only
+                        logprobs, entropy = roles.policy_logprobs(ids, ids_mask, response_len)
+                        loss = share * _policy_term(logprobs, rollout, piece, ppo)
+                        if ptx_ids is not None and last:
+                            ptx = roles.ptx_loss(ptx_ids, ptx_mask)
+                            loss = loss + ptx_coef * ptx
+                    if update_policy:
+                        backward(loss)
                     finite = finite and bool(torch.isfinite(loss))
-                    # Backward even when non-finite: other DDP ranks wait for this all-reduce.
-                    if accelerator is not None:
-                        accelerator.backward(loss)
-                    else:
-                        loss.backward()
-                outputs.append((logprobs.detach(), entropy, values.detach()))
+                    values = roles.values(ids, ids_mask, response_len)
+                    loss = share * _value_term(values, rollout, piece, ppo)
+                    backward(loss)
+                    finite = finite and bool(torch.isfinite(loss))
+                else:
+                    # DDP all-reduces gradients on the last piece's backward only.
+                    sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(model)
+                    with sync:
+                        logprobs, entropy, values, piece_ptx = model(
+                            ids, ids_mask, response_len, ptx_ids if last else None, ptx_mask if last else None,
+                        )
+                        # In the critic warm-up the policy term stays in the graph with weight 0: DDP expects a
+                        # gradient (here zero) for every trainable parameter.
+                        policy_weight = float(update_policy)
+                        loss = share * (policy_weight * _policy_term(logprobs, rollout, piece, ppo)
+                                        + _value_term(values, rollout, piece, ppo))
+                        if piece_ptx is not None:
+                            ptx = piece_ptx
+                            loss = loss + ptx_coef * piece_ptx
+                        finite = finite and bool(torch.isfinite(loss))
+                        # Backward even when non-finite: other DDP ranks wait for this all-reduce.
+                        if accelerator is not None:
+                            accelerator.backward(loss)
+                        else:
+                            loss.backward()
+                outputs.append((logprobs.detach(), entropy.detach(), values.detach()))
 
             bad = torch.tensor(0.0 if finite else 1.0, device=input_ids.device)
             if distributed:  # every rank must stop together, or the others would wait in all-reduce forever
