@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """fp32 matmul rate of this machine now (the arithmetic bound's denominator)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Matmul rate of this machine now, fp32 by default (the arithmetic bound's denominator)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
     started = time.perf_counter()
     for _ in range(repeats):

@@ -173,10 +173,12 @@ def _preallocated_cache(parts: list[tuple[torch.Tensor | None, object]], rows: i
     class PreallocatedLayer(DynamicLayer):
         def __init__(self, layer: int):
             super().__init__()
-            first = parts[0][1].layers[layer].keys
-            self.device, self.is_initialized, self.length = first.device, True, width
-            self.key_buffer = first.new_zeros((rows, first.shape[1], capacity, first.shape[3]))
-            self.value_buffer = torch.zeros_like(self.key_buffer)
+            first_keys, first_values = parts[0][1].layers[layer].keys, parts[0][1].layers[layer].values
+            self.device, self.is_initialized, self.length = first_keys.device, True, width
+            # Keys and values each keep their own dtype and width (under CPU autocast keys leave the rotary
+            # embedding in fp32 while values stay bf16).
+            self.key_buffer = first_keys.new_zeros((rows, first_keys.shape[1], capacity, first_keys.shape[3]))
+            self.value_buffer = first_values.new_zeros((rows, first_values.shape[1], capacity, first_values.shape[3]))
             for index, cache in parts:
                 keys, values = cache.layers[layer].keys, cache.layers[layer].values
                 target = slice(None) if index is None else index
