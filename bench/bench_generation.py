@@ -14,9 +14,11 @@ rounds (the median is reported):
   plain@B        transformers' generate on the peft model as trained (LoRA unmerged), prompts in order, B per batch
   sorted@B       LoRA merged into a copy of the weights, prompts batched by token length, transformers' generate
                  (the study's sampler until 2026-12-05)
-  ours@P/D       rlhf_lib.generation.generate as sample_texts calls it: merged, prompts sorted into groups of D
-                 rows, each group's prompts read in chunks of up to P tokens (rows x longest prompt), then its D
-                 rows decoded together on one preallocated key/value cache
+  ours@P/D       rlhf_lib.generation.generate as sample_texts calls it: LoRA merged in place for the call
+                 (`adapter_merged`), prompts sorted into groups of D rows, each group's prompts read in chunks of up
+                 to P tokens (rows x longest prompt), then its D rows decoded together on one preallocated
+                 key/value cache
+  copy@P/D       the same, merged into a deep copy of the peft model instead (the study's merge until 2026-12-05)
 
 Prefill and decode are timed apart: prefill = the same call with one new token; decode = the rest. The
 arithmetic bound is 2 x parameters x tokens processed (real prompt tokens + sampled tokens, padding excluded)
@@ -26,10 +28,12 @@ at the fp32 matmul rate measured in the same run; "% of bound" is that bound's t
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -62,28 +66,38 @@ def bench_prompts(n: int) -> list[str]:
 def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int], max_new_tokens: int,
                seed: int) -> dict[str, float]:
     """Seconds to sample every prompt (and with one new token: the prefill), and the tokens processed."""
-    from rlhf_lib.generation import generate, generate_with_transformers, length_sorted_batches, merged_copy
+    from rlhf_lib.generation import (
+        adapter_merged,
+        generate,
+        generate_with_transformers,
+        length_sorted_batches,
+    )
 
     kind, batch, decode_rows = design
 
+    def merged_deep_copy(model):  # how the study merged until 2026-12-05: a copy of the whole peft model
+        return nullcontext(copy.deepcopy(model).merge_and_unload())
+
     def sample(new_tokens: int) -> tuple[float, int, int]:
         started = time.perf_counter()
-        model = policy if kind == "plain" else merged_copy(policy)  # the merge is part of the cost, once per call
+        # The merge is part of the cost, once per call.
+        merge = {"plain": nullcontext, "ours": adapter_merged}.get(kind, merged_deep_copy)
         if kind == "plain":
             groups = [list(range(s, min(s + batch, len(texts)))) for s in range(0, len(texts), batch)]
         else:
-            groups = length_sorted_batches(tokenizer, texts, decode_rows if kind == "ours" else batch)
+            groups = length_sorted_batches(tokenizer, texts, batch if kind == "sorted" else decode_rows)
         prompt_tokens = sampled = 0
-        for index, rows in enumerate(groups):
-            prompts = [texts[i] for i in rows]
-            if kind == "ours":
-                out = generate(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=1.0,
-                               generator_seed=seed + index, prefill_tokens=batch)
-            else:
-                out = generate_with_transformers(model, tokenizer, prompts, max_new_tokens=new_tokens,
-                                                 temperature=1.0, generator_seed=seed + index)
-            prompt_tokens += int(out.query_mask.sum())
-            sampled += int(out.response_mask.sum())
+        with merge(policy) as model:
+            for index, rows in enumerate(groups):
+                prompts = [texts[i] for i in rows]
+                if kind in ("plain", "sorted"):
+                    out = generate_with_transformers(model, tokenizer, prompts, max_new_tokens=new_tokens,
+                                                     temperature=1.0, generator_seed=seed + index)
+                else:
+                    out = generate(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=1.0,
+                                   generator_seed=seed + index, prefill_tokens=batch)
+                prompt_tokens += int(out.query_mask.sum())
+                sampled += int(out.response_mask.sum())
         return time.perf_counter() - started, prompt_tokens, sampled
 
     prefill_s, _, _ = sample(1)
@@ -94,7 +108,7 @@ def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int]
 
 def design_name(design: tuple[str, int, int]) -> str:
     kind, batch, decode_rows = design
-    return f"{kind}@{batch}/{decode_rows}" if kind == "ours" else f"{kind}@{batch}"
+    return f"{kind}@{batch}/{decode_rows}" if kind in ("ours", "copy") else f"{kind}@{batch}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{rollout} prompts (one PPO rollout, ppo.rollout_batch)": (
             [format_prompt(tokenizer, p) for p in bench_prompts(rollout)],
             [("plain", rollout, rollout), ("sorted", rollout, rollout), ("ours", 8 * prefill, rollout),
-             ("ours", prefill, rollout)],
+             ("copy", prefill, rollout), ("ours", prefill, rollout)],
         ),
     }
     load_before = os.getloadavg()[0]

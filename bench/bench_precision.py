@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_lib import models
     from rlhf_lib.config import load_preset
-    from rlhf_lib.generation import generate, merged_copy
+    from rlhf_lib.generation import adapter_merged, generate
     from rlhf_lib.prompting import format_prompt
     from rlhf_lib.sft.train import labelled_token_loss
 
@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
                 param.normal_(0.0, 0.01)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)  # weights stay put
-    sampler = merged_copy(model).eval()
     vocab = tokenizer.vocab_size
     generator = torch.Generator().manual_seed(0)
     sft_batch = torch.randint(0, vocab, (cfg.sft.batch_size, cfg.sft.max_seq_tokens), generator=generator)
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def sampling(name: str):
         def step() -> None:
-            with precision(name):
+            with precision(name), adapter_merged(model) as sampler:
                 generate(sampler, tokenizer, prompts, max_new_tokens=cfg.generation.max_new_tokens, temperature=1.0,
                          generator_seed=0, prefill_tokens=cfg.generation.prefill_tokens)
         return step

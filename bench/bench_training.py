@@ -37,6 +37,7 @@ the time the counted FLOPs take at the matmul rate over the measured time.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -134,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_lib import models
     from rlhf_lib.config import load_preset
-    from rlhf_lib.generation import merged_copy
 
     cfg = load_preset(args.preset)
     torch.manual_seed(0)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     head_module = models.ScalarHead(models.hidden_size_of(model))
     sft_optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     rm_optimizer = torch.optim.AdamW([*trainable, *head_module.parameters()], lr=1e-5)
-    frozen = merged_copy(model).eval()
+    frozen = copy.deepcopy(model).merge_and_unload().eval()  # a merged copy beside the adapter model
     frozen.requires_grad_(False)
 
     def tokens(rows: int, length: int) -> torch.Tensor:

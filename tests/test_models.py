@@ -145,23 +145,36 @@ def _micro_policy(seed: int = 0):
     return policy.eval()
 
 
-def test_merged_sampler_has_the_policys_log_probs_and_keeps_a_disabled_adapter_off(micro_tokenizer):
-    from rlhf_lib.generation import merged_copy
+def test_merged_sampler_has_the_policys_log_probs_restores_the_weights_and_keeps_a_disabled_adapter_off(
+        micro_tokenizer):
+    from peft.tuners.lora import LoraLayer
+
+    from rlhf_lib.generation import adapter_merged
 
     policy = _micro_policy()
     batch = micro_tokenizer(["one two three four", "a b"], return_tensors="pt", padding=True).to(policy.device)
+    before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+    layers = [m for m in policy.modules() if isinstance(m, LoraLayer)]
     with torch.no_grad():
         plain = torch.log_softmax(policy(**batch).logits, -1)
-        merged = merged_copy(policy)
-        assert not hasattr(merged, "peft_config")  # a plain transformers model: no adapter matmuls per token
-        fast = torch.log_softmax(merged(**batch).logits, -1)
+        with adapter_merged(policy) as merged:
+            assert all(layer.merged for layer in layers)  # peft's forward reads the merged weight alone
+            fast = torch.log_softmax(merged(**batch).logits, -1)
+        assert not any(layer.merged for layer in layers)
+        for name, tensor in policy.state_dict().items():  # the very weights back, not a subtraction's rounding
+            assert torch.equal(tensor, before[name]), name
+        torch.testing.assert_close(torch.log_softmax(policy(**batch).logits, -1), plain, atol=0, rtol=0)
+        with pytest.raises(KeyError), adapter_merged(policy):
+            raise KeyError("interrupted")  # restored on the way out of an error too
+        assert not any(layer.merged for layer in layers)
+        assert all(torch.equal(t, before[n]) for n, t in policy.state_dict().items())
         with policy.disable_adapter():
             base = torch.log_softmax(policy(**batch).logits, -1)
-            assert merged_copy(policy) is policy  # the caller asked for the base: never merge the adapter in
+            with adapter_merged(policy) as same:  # the caller asked for the base: never merge the adapter in
+                assert same is policy and not any(layer.merged for layer in layers)
     keep = batch["attention_mask"].bool()
     assert torch.allclose(fast[keep], plain[keep], atol=1e-4)
     assert (base[keep] - plain[keep]).abs().max() > 1e-3  # the adapter matters, so the check above has teeth
-    assert hasattr(policy.base_model.model.model.layers[0].self_attn.q_proj, "lora_A")  # the policy is untouched
 
 
 def test_fast_sampling_returns_each_prompts_answer_in_order(micro_tokenizer):

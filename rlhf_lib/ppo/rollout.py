@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_lib.config import PPOConfig, StudyConfig
-from rlhf_lib.generation import Generated, generate, merged_copy
+from rlhf_lib.generation import Generated, adapter_merged, generate
 from rlhf_lib.ppo.core import explained_variance, gae, masked_mean, masked_whiten, per_token_rewards
 from rlhf_lib.ppo.roles import PolicyValueRoles, RewardFn
 from rlhf_lib.prompting import format_prompt
@@ -143,8 +143,8 @@ def _sample_responses(
     gen = cfg.generation
     formatted = [format_prompt(tokenizer, p) for p in prompts]
     chunks = []
-    with roles.role("policy") as policy:
-        sampler = merged_copy(policy)  # the policy's LoRA merged into a copy once per rollout: no adapter matmuls per token
+    # The policy's LoRA merged into the weights once per rollout: no adapter matmuls per token.
+    with roles.role("policy") as policy, adapter_merged(policy) as sampler:
         for index, start in enumerate(range(0, len(formatted), gen.decode_batch_size)):
             chunks.append(  # raises FloatingPointError on non-finite sampling probabilities
                 generate(
