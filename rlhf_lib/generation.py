@@ -309,7 +309,7 @@ def generate(
                      token_logprobs * response_mask)
 
 
-def _mergeable(model) -> bool:
+def _adapter_can_merge(model) -> bool:
     """Whether `model` has an active LoRA adapter that merging would remove from every token's work: a peft model,
     its adapter switched on (`disable_adapter()` means the caller wants the base), its base not quantized (a merge
     would re-quantize the weights and change the policy)."""
@@ -322,13 +322,13 @@ def _mergeable(model) -> bool:
 def adapter_merged(model) -> Iterator:
     """Within: `model` with its active LoRA adapter merged into its weights, so sampling skips the adapter's extra
     matmuls on every token (bench/bench_generation.py measures it); on exit the original weight tensors are put
-    back, bit for bit, and the adapter is live again. The model itself, unchanged, where `_mergeable` says no.
+    back, bit for bit, and the adapter is live again. The model itself, unchanged, where `_adapter_can_merge` says no.
 
     The merged weights are new tensors (peft's safe merge, which also refuses non-finite ones); the originals are
     kept aside, not un-merged by subtraction, whose rounding would drift a shared frozen base over a run. Cheaper than
     a merged deep copy (its ~0.6 s per PPO rollout at `tiny`): only the adapted layers' weights are new.
     """
-    if not _mergeable(model):
+    if not _adapter_can_merge(model):
         yield model
         return
     from peft.tuners.lora import LoraLayer

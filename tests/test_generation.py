@@ -36,6 +36,27 @@ def test_prefill_chunks_group_similar_lengths_within_the_token_budget():
     assert sorted(row for chunk in prefill_chunks(lengths, 7) for row in chunk) == list(range(6))
 
 
+def test_prompts_are_read_once_in_their_chunks(policy, micro_tokenizer):
+    """The model sees each prefill chunk once, trimmed to its own longest prompt, then one row-complete forward per
+    decoded token: no second reading of the prompts (a name clash once sent every prefill back through one
+    whole-batch forward, twice the work, with the same tokens out)."""
+    from rlhf_lib.generation import encode_left_padded, prefill_chunks
+
+    lengths = encode_left_padded(micro_tokenizer, PROMPTS, None)["attention_mask"].sum(1).tolist()
+    chunks = prefill_chunks(lengths, 16)
+    assert len(chunks) > 1
+    shapes = []
+    hook = policy.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                            with_kwargs=True)
+    try:
+        out = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=5, temperature=0.0, prefill_tokens=16)
+    finally:
+        hook.remove()
+    expected = [(len(rows), max(lengths[row] for row in rows)) for rows in chunks]
+    assert shapes[: len(chunks)] == expected
+    assert shapes[len(chunks):] == [(len(PROMPTS), 1)] * (out.response_ids.shape[1] - 1)
+
+
 def _full_forward_logprobs(model, out, temperature: float) -> torch.Tensor:
     """log pi(token | prefix) of every sampled token from one forward over query + response: [B, Lr], 0 on pad."""
     ids, mask = out.input_ids, out.attention_mask
