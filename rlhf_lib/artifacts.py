@@ -212,10 +212,8 @@ class RewardModel:
         """[len(layers), B, H] pooled hidden states of each layer (default: this RM's): what the head reads."""
         batch = self.encode(prompts, responses, ended)
         mask = batch["attention_mask"]
-        blocks = models.block_count(self.model)
-        layers = [layer % (blocks + 1) for layer in ([self.layer] if layers is None else layers)]
-        states = models.hidden_states(self.model, batch["input_ids"], mask, through=max(layers))  # blocks above: unread
-        pooled = [models.pool_states(states[i], mask, batch["response_mask"], self.pooling) for i in layers]
+        states = models.layer_states(self.model, batch["input_ids"], mask, [self.layer] if layers is None else layers)
+        pooled = [models.pool_states(state, mask, batch["response_mask"], self.pooling) for state in states]
         return torch.stack(pooled).to(self.head.linear.weight.dtype)
 
     def raw_scores(self, prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool] | None = None) -> torch.Tensor:

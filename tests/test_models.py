@@ -305,6 +305,10 @@ def test_a_middle_layer_is_read_from_the_blocks_below_it_alone():
         calls.clear()
         torch.testing.assert_close(models.hidden_layer(model, ids, mask, layer), full[layer], atol=0, rtol=0)
         assert calls == ([0] if layer == 1 else [0, 1]), (layer, calls)
+    calls.clear()
+    for got, want in zip(models.layer_states(model, ids, mask, [1, 0, -2]), (full[1], full[0], full[1]), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)  # negative indices count from the end, as in a tuple
+    assert calls == [0]
     for hook in hooks:
         hook.remove()
 

@@ -7,7 +7,7 @@ cannot change what it reads, so their forward (and, for a trained value head, th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -132,11 +132,22 @@ def hidden_states(
     return states[: through + 1]
 
 
+def layer_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]
+) -> list[torch.Tensor]:
+    """The hidden states [batch, seq, hidden] of each of `layers` (indices into `hidden_states`, negative ones
+    counted from the end), from a forward through the blocks up to the deepest of them only."""
+    blocks = block_count(model)
+    wanted = [layer % (blocks + 1) for layer in layers]
+    states = hidden_states(model, input_ids, attention_mask, through=max(wanted))
+    truncated = 0 < max(wanted) < blocks  # then `states` holds entries 0..max(wanted) only
+    return [states[index] for index in (wanted if truncated else layers)]
+
+
 def hidden_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1) -> torch.Tensor:
     """[batch, seq, hidden] hidden states after block `layer` (an index into `hidden_states`); only the blocks up
     to it run."""
-    index = layer % (block_count(model) + 1)
-    return hidden_states(model, input_ids, attention_mask, through=index)[index]
+    return layer_states(model, input_ids, attention_mask, [layer])[0]
 
 
 def scalar_outputs(
