@@ -210,6 +210,17 @@ def report(results: list[dict], command: str, preset: str, started: str, load_be
             "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "lora_rank", "rm_layer"))
         lines.append(f"| {r['design']} | {r['episodes']} | {r['episodes_per_s']} | {r.get('rollout_s', '')} | "
                      f"{r.get('update_s', '')} | {r['setup_s']} | {r['peak_rss_mb']} | {brief or 'batch 8, 32 tokens'} |")
+    trl = {r["design"]: r for r in results if r["design"].startswith("TRL") and "error" not in r}
+    ours = [r for r in results if not r["design"].startswith("TRL") and "error" not in r and "settings" in r]
+    if trl and ours:  # the targets are ratios against TRL, both taken from this one run
+        lines += ["", "Against TRL in this run (speed: episodes/s ratio, higher is better; memory: peak RSS ratio, "
+                  "lower is better):", "", "| design | " + " | ".join(
+                      f"speed vs {name} | memory vs {name}" for name in trl) + " |",
+                  "| --- |" + " --- | --- |" * len(trl)]
+        for r in ours:
+            cells = [f"{r['episodes_per_s'] / t['episodes_per_s']:.2f}x | {r['peak_rss_mb'] / t['peak_rss_mb']:.2f}x"
+                     for t in trl.values()]
+            lines.append(f"| {r['design']} | " + " | ".join(cells) + " |")
     lines += ["", "Raw results:", "", "```json", json.dumps(results, indent=1), "```", ""]
     return "\n".join(lines)
 
