@@ -323,3 +323,33 @@ def test_a_middle_layer_is_read_from_the_blocks_below_it_alone():
     with pytest.raises(RuntimeError), models.first_blocks_only(model, 1):
         raise RuntimeError("interrupted")
     assert len(decoder.layers) == blocks and not isinstance(decoder.norm, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_cut_forwards_and_the_labelled_loss_hold_for_every_preset_family(family):
+    """The presets' architectures (Llama: micro, tiny; Gemma 3 with its sliding-window layers: small; Qwen2: medium,
+    large), tiny and random: a middle layer read from the blocks below it alone, and the SFT loss with the LM head at
+    the labelled positions only, equal the whole model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf_lib.sft.train import labelled_token_loss, projects_only_labelled
+
+    extra = {"head_dim": 8, "sliding_window": 4} if family == "gemma3_text" else {}
+    config = AutoConfig.for_model(family, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=64, vocab_size=128, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        full = models.hidden_states(model, ids, mask)
+        assert len(full) == 4
+        for layer in (1, 2, -1):
+            torch.testing.assert_close(models.hidden_layer(model, ids, mask, layer), full[layer], atol=0, rtol=0)
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :5] = -100
+        assert projects_only_labelled(model)
+        own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ours = labelled_token_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert ours.item() == pytest.approx(own.item(), rel=1e-6)
