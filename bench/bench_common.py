@@ -2,12 +2,15 @@
 
     from bench_common import matmul_gflops, run_header, publish
     rate = matmul_gflops()                                        # fp32 GFLOP/s of this machine, now
+    args = step_bench_parser(__doc__).parse_args(argv)            # --preset --repeats --steps --threads --out
+    model = trained_looking_lora(cfg)                             # the preset's base + a LoRA with B != 0
     lines = ["# Title", "", *run_header("bench/bench_x.py", argv, threads, load_before)]
     publish(lines, args.out)                                      # print, and write the markdown when asked
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -26,6 +29,32 @@ def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torc
     for _ in range(repeats):
         a @ b
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def step_bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments the step benchmarks (bench_training, bench_precision) share."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--steps", type=int, default=2, help="timed calls per design per round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="", help="write the markdown table here (default: print only)")
+    return parser
+
+
+def trained_looking_lora(cfg, dtype: str | None = None):
+    """The preset's base with a LoRA adapter of the preset's rank whose B matrices are drawn (B = 0 would let a
+    merge skip nothing real), in train mode. `dtype` None: the preset's."""
+    from rlhf_lib import models
+
+    torch.manual_seed(0)
+    model = models.lora_from_config(models.load_causal_lm(cfg.model.name, **({"dtype": dtype} if dtype else {})),
+                                    cfg.model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.01)
+    return model.train()
 
 
 def run_header(script: str, argv: list[str] | None, threads: int, load_before: float) -> list[str]:

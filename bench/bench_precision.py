@@ -23,7 +23,6 @@ measurement a decision to allow it would start from. Designs, measured in one pr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -36,8 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_common import matmul_gflops, publish, run_header  # noqa: E402
-from bench_training import timed_steps  # noqa: E402
+from bench_common import matmul_gflops, publish, run_header, step_bench_parser, trained_looking_lora  # noqa: E402
+from bench_training import optimizer_step, timed_steps  # noqa: E402
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 
@@ -60,13 +59,7 @@ def precision(name: str) -> contextlib.AbstractContextManager:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (the median is reported)")
-    parser.add_argument("--steps", type=int, default=2, help="timed calls per design per round")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="", help="write the markdown table here (default: print only)")
-    args = parser.parse_args(argv)
+    args = step_bench_parser(__doc__).parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from bench_generation import bench_prompts
@@ -78,14 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_lib.sft.train import labelled_token_loss
 
     cfg = load_preset(args.preset)
-    torch.manual_seed(0)
     tokenizer = models.load_tokenizer(cfg.model.name)
-    model = models.lora_from_config(models.load_causal_lm(cfg.model.name, dtype="float32"), cfg.model)
-    with torch.no_grad():  # a trained-looking adapter
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.01)
-    model.train()
+    model = trained_looking_lora(cfg, dtype="float32")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)  # weights stay put
     vocab = tokenizer.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -98,14 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     losses: dict[str, float] = {}
 
     def sft_step(name: str):
-        def step() -> None:
+        def loss_of() -> torch.Tensor:
             with precision(name):
                 loss = labelled_token_loss(model, sft_inputs)
             losses.setdefault(name, loss.item())
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+            return loss
+        return optimizer_step(optimizer, loss_of)
 
     def forward(name: str):
         def step() -> None:

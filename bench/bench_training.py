@@ -36,7 +36,6 @@ the time the counted FLOPs take at the matmul rate over the measured time.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -50,7 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_common import matmul_gflops, publish, run_header  # noqa: E402
+from bench_common import matmul_gflops, publish, run_header, step_bench_parser, trained_looking_lora  # noqa: E402
 
 
 def timed_steps(step, repeats_inside: int) -> float:
@@ -62,55 +61,41 @@ def timed_steps(step, repeats_inside: int) -> float:
     return (time.perf_counter() - started) / repeats_inside
 
 
-def sft_step(model, optimizer, batch: torch.Tensor, labels: torch.Tensor):
-    """One causal-LM LoRA step."""
+def optimizer_step(optimizer, loss_of):
+    """A training step to time: `loss_of()` backpropagated, one optimizer step, the gradients cleared."""
 
     def step() -> None:
-        out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=labels)
-        out.loss.backward()
+        loss_of().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def fused_sft_step(model, optimizer, batch: torch.Tensor, labels: torch.Tensor):
-    """One causal-LM LoRA step through TRL's fused LM head (call `add_fused_lm_head` on the base first)."""
-
-    def step() -> None:
-        out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=labels, fused_lm_head=True)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+def sft_step(model, optimizer, batch: torch.Tensor, labels: torch.Tensor, **forward):
+    """One causal-LM LoRA step, with the model's own loss (`fused_lm_head=True`: TRL's fused LM head; call
+    `add_fused_lm_head` on the base first)."""
+    return optimizer_step(optimizer, lambda: model(input_ids=batch, attention_mask=torch.ones_like(batch),
+                                                   labels=labels, **forward).loss)
 
 
 def labelled_head_sft_step(model, optimizer, batch: torch.Tensor, labels: torch.Tensor):
     """One causal-LM LoRA step as the SFT stage takes it on the CPU presets: the LM head at labelled positions only."""
     from rlhf_lib.sft.train import labelled_token_loss
 
-    def step() -> None:
-        labelled_token_loss(model, {"input_ids": batch, "attention_mask": torch.ones_like(batch), "labels": labels}
-                            ).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    inputs = {"input_ids": batch, "attention_mask": torch.ones_like(batch), "labels": labels}
+    return optimizer_step(optimizer, lambda: labelled_token_loss(model, inputs))
 
 
 def rm_step(model, head: torch.nn.Module, optimizer, batch: torch.Tensor):
     """One end-to-end RM step: mean-pooled last states, scalar head, rows paired (0 beats 1, 2 beats 3, ...)."""
 
-    def step() -> None:
+    def pairwise_loss() -> torch.Tensor:
         states = model(input_ids=batch, attention_mask=torch.ones_like(batch), output_hidden_states=True).hidden_states
         scores = head(states[-1].mean(1)).squeeze(-1)
-        loss = -torch.nn.functional.logsigmoid(scores[0::2] - scores[1::2]).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return -torch.nn.functional.logsigmoid(scores[0::2] - scores[1::2]).mean()
 
-    return step
+    return optimizer_step(optimizer, pairwise_loss)
 
 
 def feature_pass(model, batch: torch.Tensor):
@@ -124,26 +109,14 @@ def feature_pass(model, batch: torch.Tensor):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (the median is reported)")
-    parser.add_argument("--steps", type=int, default=2, help="timed calls per design per round")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="", help="write the markdown table here (default: print only)")
-    args = parser.parse_args(argv)
+    args = step_bench_parser(__doc__).parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from rlhf_lib import models
     from rlhf_lib.config import load_preset
 
     cfg = load_preset(args.preset)
-    torch.manual_seed(0)
-    model = models.lora_from_config(models.load_causal_lm(cfg.model.name), cfg.model)
-    with torch.no_grad():  # a trained-looking adapter (B = 0 would let a merge skip nothing real)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.01)
-    model.train()
+    model = trained_looking_lora(cfg)
     n_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
     vocab = models.load_tokenizer(cfg.model.name).vocab_size
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -175,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     full_text, needed_text = "4 x N x T", f"4 x (N - N_head) x T + 4 x N_head x T_labelled ({labelled})"
     designs = {  # name -> (step, tokens per call, FLOPs counted per call, how they were counted)
         f"sft step ({shape})": (sft_step(model, sft_optimizer, sft_batch, sft_batch), sft_batch.numel(), full, full_text),
-        f"sft step, fused ({shape})": (fused_sft_step(model, sft_optimizer, sft_batch, sft_batch), sft_batch.numel(),
+        f"sft step, fused ({shape})": (sft_step(model, sft_optimizer, sft_batch, sft_batch, fused_lm_head=True), sft_batch.numel(),
                                        full, full_text),
         f"sft step, prompt masked ({shape})": (sft_step(model, sft_optimizer, sft_batch, response_labels),
                                                sft_batch.numel(), needed, needed_text),
         f"sft step, fused, prompt masked ({shape})": (
-            fused_sft_step(model, sft_optimizer, sft_batch, response_labels), sft_batch.numel(), needed, needed_text),
+            sft_step(model, sft_optimizer, sft_batch, response_labels, fused_lm_head=True), sft_batch.numel(), needed, needed_text),
         f"sft step, labelled head, prompt masked ({shape})": (
             labelled_head_sft_step(model, sft_optimizer, sft_batch, response_labels), sft_batch.numel(), needed,
             needed_text),
