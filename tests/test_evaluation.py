@@ -264,6 +264,15 @@ def test_lm_scoring_batched_equals_single_and_manual(micro):
     manual = sum(float(logp[len(ctx_ids) + j - 1, t]) for j, t in enumerate(cont_ids))
     assert sums[1] == pytest.approx(manual, abs=1e-4) and counts[1] == len(cont_ids)
     assert (sums < 0).all()
+    # A model whose config caps its logits after the head runs whole, its logits kept from the first scored column
+    # (the micro model applies no cap itself, so the numbers must not move).
+    model.config.final_logit_softcapping = 30.0
+    try:
+        capped, capped_counts = continuation_logprobs(model, tok, contexts, conts, batch_size=3)
+    finally:
+        model.config.final_logit_softcapping = None
+    np.testing.assert_allclose(capped, sums, atol=1e-4)
+    assert (capped_counts == counts).all()
 
 
 def test_mc_on_micro_model(micro):

@@ -295,6 +295,64 @@ def test_recomputed_logprobs_use_the_rollout_temperature(artifacts, micro_tokeni
     torch.testing.assert_close(recomputed, sampled_logprobs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("capped", [False, True], ids=["head-at-response-only", "logit-cap-whole-forward"])
+def test_response_logprobs_are_the_full_forwards_and_zero_after_eos(capped):
+    """The LM head run only where a response token is predicted (and there only) gives the log-probs, entropies and
+    LoRA gradients of the model's whole forward, with left-padded prompts and right padding after EOS (zero there).
+    A model whose config caps the logits after the head (gemma 2) keeps its own forward, the head over every column
+    from the first response-predicting one (the micro model itself applies no cap, so the numbers agree either way)."""
+    from rlhf_lib.ppo import logprobs_and_entropy, response_logprobs
+
+    torch.manual_seed(0)
+    model = models.lora_from_config(models.load_causal_lm("micro", dtype="float32"), load_preset("micro").model)
+    with torch.no_grad():  # a trained-looking adapter, so its gradients are not those of B = 0
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    if capped:
+        model.config.final_logit_softcapping = 3.0
+    assert models.logits_are_head_output(model) is not capped
+    ids = torch.randint(5, 200, (3, 14), generator=torch.Generator().manual_seed(1)).to(model.device)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a shorter prompt, left padded
+    mask[1, 11:] = 0  # a response that ended after two tokens
+    response_len, temperature = 5, 0.7
+    in_response = mask[:, -response_len:].bool()
+    head_inputs = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_inputs.append(args[0].shape))
+    results = []
+    for ours in (False, True):
+        model.zero_grad()
+        if ours:
+            logprobs, entropy = response_logprobs(model, ids, mask, response_len, temperature)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=models.position_ids_from_mask(mask)).logits
+            logprobs, entropy = logprobs_and_entropy(logits[:, -response_len - 1 : -1], ids[:, -response_len:], temperature)
+        (logprobs * in_response).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((logprobs, entropy, grads))
+    (full_lp, full_entropy, full_grads), (lp, entropy, grads) = results
+    hidden = models.hidden_size_of(model)
+    assert head_inputs[1] == ((len(ids), response_len + 1, hidden) if capped else (int(in_response.sum()), hidden))
+    assert not (lp[~in_response]).any() and not (entropy[~in_response]).any()
+    torch.testing.assert_close(lp[in_response], full_lp[in_response], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[in_response], full_entropy[in_response], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(grads, full_grads, rtol=1e-4, atol=1e-7) and full_grads.abs().max() > 0
+
+
+def test_ptx_lm_loss_is_the_models_own_loss_over_real_tokens():
+    from rlhf_lib.ppo import lm_loss
+
+    torch.manual_seed(0)
+    model = models.load_causal_lm("micro", dtype="float32")
+    ids = torch.randint(5, 200, (3, 10), generator=torch.Generator().manual_seed(2)).to(model.device)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # right-padded pretraining text
+    mask[2, 8:] = 0
+    own = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    assert lm_loss(model, ids, mask).item() == pytest.approx(own.item(), rel=1e-5)
+
+
 def test_adapters_switch_without_leaking_weights(artifacts):
     cfg = micro_cfg(**{"ppo.learning_rate": 1e-2})
     roles, tokenizer, _, _ = build_roles(cfg, artifacts / "sft", artifacts / "rm")

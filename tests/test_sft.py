@@ -47,7 +47,7 @@ def test_labelled_token_loss_is_the_models_loss_and_gradient():
     """The head applied at labelled positions only: the model's own loss and LoRA gradients, with padding, a prompt
     masked out, and with and without the Trainer's token count."""
     from rlhf_lib import models
-    from rlhf_lib.sft.train import labelled_token_loss, projects_only_labelled
+    from rlhf_lib.sft.train import labelled_token_loss
 
     torch.manual_seed(0)
     model = models.lora_from_config(models.load_causal_lm("micro", dtype="float32"), load_preset("micro").model)
@@ -55,7 +55,7 @@ def test_labelled_token_loss_is_the_models_loss_and_gradient():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.02)
-    assert projects_only_labelled(model)
+    assert models.logits_are_head_output(model)
     ids = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(1)).to(model.device)
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
@@ -79,11 +79,10 @@ def test_labelled_token_loss_is_the_models_loss_and_gradient():
 def test_a_logit_transform_keeps_the_models_own_loss():
     """gemma 2's tanh cap changes the logits after the head: such a model must not take labelled_token_loss."""
     from rlhf_lib import models
-    from rlhf_lib.sft.train import projects_only_labelled
 
     model = models.load_causal_lm("micro", dtype="float32")
     model.config.final_logit_softcapping = 30.0
-    assert not projects_only_labelled(model)
+    assert not models.logits_are_head_output(model)
 
 
 def test_model_loss_trainer_trains_as_trls(micro_tokenizer, tmp_path):

@@ -10,24 +10,18 @@ by the alignment tax's LM loss (token NLL on held-out prose)::
 Context and continuation are tokenised separately and concatenated, so the continuation's tokens are
 exactly those of the continuation text (no merge across the boundary; lm-evaluation-harness does the
 same). Rows are left-padded with explicit position ids, so every row's continuation ends in the last
-column and only the logits of the last columns are materialised (vocabularies reach 262k tokens).
+column, and the LM head runs only where a continuation token is predicted (`models.target_logits`; vocabularies
+reach 262k tokens).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-
-def _accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
+from rlhf_lib import models
 
 
 def _start_token(tokenizer) -> int:
@@ -72,7 +66,6 @@ def score_token_lists(
     sums = np.zeros(len(rows))
     counts = np.array([n for _, n in rows], dtype=int)
     device = next(model.parameters()).device
-    keep_logits = _accepts_logits_to_keep(model)
     was_training = model.training
     model.eval()
     # Longest first: similar lengths share a batch, so little compute goes to padding.
@@ -83,29 +76,25 @@ def score_token_lists(
             if not batch:
                 continue
             width = max(len(rows[i][0]) for i in batch)
-            n_cont = max(counts[i] for i in batch)
             ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for r, i in enumerate(batch):
                 seq = rows[i][0]
                 ids[r, width - len(seq) :] = torch.tensor(seq)
                 mask[r, width - len(seq) :] = 1
-            position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            kwargs = {"logits_to_keep": int(n_cont) + 1} if keep_logits else {}
-            out = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=position_ids.to(device),
-                use_cache=False,
-                **kwargs,
-            )
-            # The logit at column t predicts token t + 1: the last n_cont tokens are predicted by the
-            # n_cont columns before the final one.
-            logits = out.logits[:, -(n_cont + 1) : -1, :].float()
-            targets = ids[:, width - n_cont :].to(device)
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            # Column t's logits predict token t + 1: each row's continuation is predicted by the columns before it.
+            predicts = torch.zeros((len(batch), width - 1), dtype=torch.bool)
             for r, i in enumerate(batch):
-                sums[i] = float(logprobs[r, n_cont - counts[i] :].sum())
+                predicts[r, width - 1 - counts[i] :] = True
+            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                      "position_ids": models.position_ids_from_mask(mask).to(device)}
+            predicts = predicts.to(device)
+            logits = models.target_logits(model, inputs, predicts).float()  # [scored tokens, vocabulary]
+            targets = inputs["input_ids"][:, 1:][predicts]
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            row_sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+            row_sums.index_add_(0, predicts.nonzero()[:, 0], logprobs.double())
+            sums[batch] = row_sums.cpu().numpy()
     finally:
         model.train(was_training)
     return sums, counts

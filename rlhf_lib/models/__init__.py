@@ -7,7 +7,8 @@ load. Any other name is a Hugging Face Hub id (or a local directory) loaded with
     registry  offline names -> pinned weight packages (WEIGHT_PACKAGES, PINNED_GGUF, REGISTRY), the errors
     offline   the cache (manifests, atomic directories) and the GGUF -> safetensors conversion: `materialize`
     loading   devices and dtypes, `load_tokenizer`, `load_causal_lm` (4-bit nf4 optional), `add_lora`
-    heads     `ScalarHead` (reward, value), hidden states with mask-counted positions, pooling
+    heads     `ScalarHead` (reward, value), hidden states with mask-counted positions, pooling, the LM head
+              at chosen positions only (`target_logits`)
 
 Usage::
 
@@ -39,9 +40,11 @@ from rlhf_lib.models.heads import (
     hidden_states,
     last_token_index,
     layer_states,
+    logits_are_head_output,
     pool_states,
     position_ids_from_mask,
     scalar_outputs,
+    target_logits,
 )
 from rlhf_lib.models.loading import (
     add_lora,
@@ -116,6 +119,7 @@ __all__ = [
     "load_causal_lm",
     "load_from_preset",
     "load_tokenizer",
+    "logits_are_head_output",
     "lora_from_config",
     "materialize",
     "pool_states",
@@ -125,6 +129,7 @@ __all__ = [
     "safe_torch_load",
     "scalar_outputs",
     "sha256_file",
+    "target_logits",
     "verify_checkpoint",
     "write_manifest",
 ]

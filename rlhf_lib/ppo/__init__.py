@@ -46,7 +46,7 @@ from rlhf_lib.ppo.core import (
     value_loss,
 )
 from rlhf_lib.ppo.outputs import METRIC_COLUMNS, RunLog, export_run
-from rlhf_lib.ppo.roles import PolicyValueRoles, RewardFn, build_roles, lm_loss, response_logits
+from rlhf_lib.ppo.roles import PolicyValueRoles, RewardFn, build_roles, lm_loss, response_logprobs
 from rlhf_lib.ppo.rollout import (
     PretrainSampler,
     Rollout,
@@ -122,7 +122,7 @@ __all__ = [
     "per_token_rewards",
     "policy_loss",
     "ppo_update",
-    "response_logits",
+    "response_logprobs",
     "run_ppo_stage",
     "save_checkpoint",
     "select_checkpoint",

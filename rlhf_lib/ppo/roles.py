@@ -36,32 +36,37 @@ from rlhf_lib.adapters import (
 )
 from rlhf_lib.artifacts import RM_ADAPTER, RM_HEAD, RewardModel, read_meta
 from rlhf_lib.config import StudyConfig
-from rlhf_lib.ppo.core import logprobs_and_entropy, masked_mean
+from rlhf_lib.ppo.core import logprobs_and_entropy
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
 
-def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
-    """Logits [B, Lr, V] that predict the last `response_len` tokens (the LM head runs only there)."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=models.position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=response_len + 1,
-    )
-    return out.logits[:, :-1]
+def response_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(token), detached entropy) [B, Lr] of the last `response_len` tokens under softmax(logits / T); 0 where
+    attention_mask is 0 (the padding after EOS, which every PPO quantity masks out).
+
+    The LM head runs only at the states that predict a response token (`models.target_logits`)."""
+    predicts = torch.zeros_like(attention_mask[:, 1:], dtype=torch.bool)
+    predicts[:, -response_len:] = attention_mask[:, -response_len:].bool()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": models.position_ids_from_mask(attention_mask)}
+    logits = models.target_logits(model, inputs, predicts)
+    logprobs, entropy = logprobs_and_entropy(logits, input_ids[:, 1:][predicts], temperature)
+    in_response = predicts[:, -response_len:]
+    zeros = logprobs.new_zeros(in_response.shape)
+    return zeros.masked_scatter(in_response, logprobs), zeros.masked_scatter(in_response, entropy)
 
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the real tokens (PPO-ptx's pretraining objective)."""
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=models.position_ids_from_mask(attention_mask), use_cache=False
-    ).logits[:, :-1]
-    targets = input_ids[:, 1:]
-    target_mask = attention_mask[:, 1:] * attention_mask[:, :-1]
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return masked_mean(nll.view_as(targets), target_mask)
+    """Mean next-token cross-entropy over the real tokens (PPO-ptx's pretraining objective); the LM head runs at
+    those positions only (`models.target_logits`)."""
+    predicts = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": models.position_ids_from_mask(attention_mask)}
+    logits = models.target_logits(model, inputs, predicts).float()
+    return F.cross_entropy(logits, input_ids[:, 1:][predicts]) if predicts.any() else logits.sum()
 
 
 class PolicyValueRoles(nn.Module):
@@ -116,13 +121,11 @@ class PolicyValueRoles(nn.Module):
 
     def policy_logprobs(self, input_ids, attention_mask, response_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         with self.role("policy") as model:
-            logits = response_logits(model, input_ids, attention_mask, response_len)
-        return logprobs_and_entropy(logits, input_ids[:, -response_len:], self.temperature)
+            return response_logprobs(model, input_ids, attention_mask, response_len, self.temperature)
 
     def reference_logprobs(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
         with self.role("reference") as model:
-            logits = response_logits(model, input_ids, attention_mask, response_len)
-        return logprobs_and_entropy(logits, input_ids[:, -response_len:], self.temperature)[0]
+            return response_logprobs(model, input_ids, attention_mask, response_len, self.temperature)[0]
 
     def values(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
         """V(state before response token t), read at the token that precedes it."""

@@ -95,18 +95,6 @@ def trl_common_args(cfg: StudyConfig, progress: bool, part: str = "sft") -> dict
     }
 
 
-
-# Configuration fields by which a model's logits are more than its LM head's output (gemma 2's tanh cap, Cohere's and
-# Granite's scale): such a model keeps its own forward for the loss.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def projects_only_labelled(model) -> bool:
-    """Whether `labelled_token_loss` computes `model`'s own loss: a causal LM whose logits are its LM head's output."""
-    config = model.config
-    return all(getattr(config, name, None) is None for name in _LOGIT_TRANSFORMS) and hasattr(model, "get_decoder")
-
-
 def labelled_token_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None
                         ) -> torch.Tensor:
     """The causal-LM cross-entropy of transformers' models, with the LM head applied only where a label is.
@@ -121,8 +109,7 @@ def labelled_token_loss(model, inputs: dict[str, torch.Tensor], num_items_in_bat
     targets = inputs["labels"][:, 1:]
     keep = targets != -100
     decoder_inputs = {name: inputs[name] for name in ("input_ids", "attention_mask", "position_ids") if name in inputs}
-    hidden = model.get_decoder()(**decoder_inputs, use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    logits = models.target_logits(model, decoder_inputs, keep).float()
     loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     if torch.is_tensor(count):
@@ -148,7 +135,7 @@ def _model_loss_sft_trainer():
                 self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             if (not return_outputs and "labels" in inputs and self.accelerator.num_processes == 1
-                    and projects_only_labelled(model)):
+                    and models.logits_are_head_output(model)):
                 # The Trainer hands the model the token count only when the model accepts it; mirror that.
                 return labelled_token_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
