@@ -324,10 +324,12 @@ def adapter_merged(model) -> Iterator:
     matmuls on every token (bench/bench_generation.py measures it); on exit the original weight tensors are put
     back, bit for bit, and the adapter is live again. The model itself, unchanged, where `_adapter_can_merge` says no.
 
-    The merged weights are new tensors (peft's safe merge, which also refuses non-finite ones); the originals are
-    kept aside, not un-merged by subtraction, whose rounding would drift a shared frozen base over a run. Cheaper than
-    a merged deep copy of the whole peft model (PPO's carries four adapters): only the adapted layers' weights are
-    new (bench/results/ppo_bench_2026-12-05e.md against 05d: half a second less per rollout).
+    The merged weights are new tensors: each adapted layer's weight (and bias) is copied, and peft merges into the
+    copy in place. The originals are kept aside, not un-merged by subtraction, whose rounding would drift a shared
+    frozen base over a run. Cheaper than a merged deep copy of the whole peft model (PPO's carries four adapters):
+    only the adapted layers' weights are new (bench/results/ppo_bench_2026-12-05e.md against 05d: half a second less
+    per rollout). Non-finite merged weights are refused, as peft's safe merge refuses them, but by one sum per layer
+    (NaN and inf survive a sum) instead of its element-wise test: that test was half the merge's time (profiled).
     """
     if not _adapter_can_merge(model):
         yield model
@@ -338,12 +340,21 @@ def adapter_merged(model) -> Iterator:
     merged: list[tuple[LoraLayer, torch.Tensor, torch.Tensor | None]] = []
     try:
         with torch.no_grad():  # the delta B @ A of a trainable adapter must not join a graph
-            for module in model.modules():
+            sums: dict[str, torch.Tensor] = {}
+            for name, module in model.named_modules():
                 if isinstance(module, LoraLayer) and adapter in module.lora_A:
                     base = module.get_base_layer()
                     bias = getattr(base, "bias", None)
                     merged.append((module, base.weight.data, bias.data if bias is not None else None))
-                    module.merge(safe_merge=True, adapter_names=[adapter])  # assigns new tensors to .data
+                    base.weight.data = base.weight.data.clone()  # peft's unsafe merge adds in place: into the copy
+                    if bias is not None:
+                        base.bias.data = bias.data.clone()
+                    module.merge(safe_merge=False, adapter_names=[adapter])
+                    sums[name] = base.weight.data.sum()
+            if sums and not torch.isfinite(torch.stack(list(sums.values()))).all():
+                broken = [name for name, total in sums.items() if not torch.isfinite(total)]
+                raise ValueError(f"adapter {adapter!r} gives non-finite weights when merged ({len(broken)} layers, "
+                                 f"first {broken[0]}): it has diverged (NaN or inf in its LoRA matrices).")
         yield model
     finally:
         for module, weight, bias in merged:

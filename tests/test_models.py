@@ -177,6 +177,21 @@ def test_merged_sampler_has_the_policys_log_probs_restores_the_weights_and_keeps
     assert (base[keep] - plain[keep]).abs().max() > 1e-3  # the adapter matters, so the check above has teeth
 
 
+def test_merging_a_diverged_adapter_is_refused_and_the_weights_are_restored():
+    from rlhf_lib.generation import adapter_merged
+
+    policy = _micro_policy()
+    before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+    broken = next(name for name, _ in policy.named_parameters() if "lora_B" in name and ".layers.1." in name)
+    with torch.no_grad():
+        policy.get_parameter(broken)[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite weights when merged.*first .*layers\\.1\\."), adapter_merged(policy):
+        pass
+    for name, tensor in policy.state_dict().items():
+        if name != broken:
+            assert torch.equal(tensor, before[name]), name
+
+
 def test_fast_sampling_returns_each_prompts_answer_in_order(micro_tokenizer):
     from rlhf_lib.generation import length_sorted_batches, sample_texts
 
@@ -332,7 +347,8 @@ def test_cut_forwards_and_the_labelled_loss_hold_for_every_preset_family(family)
     the labelled positions only, equal the whole model's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf_lib.sft.train import labelled_token_loss, projects_only_labelled
+    from rlhf_lib.models import logits_are_head_output
+    from rlhf_lib.sft.train import labelled_token_loss
 
     extra = {"head_dim": 8, "sliding_window": 4} if family == "gemma3_text" else {}
     config = AutoConfig.for_model(family, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -349,7 +365,7 @@ def test_cut_forwards_and_the_labelled_loss_hold_for_every_preset_family(family)
             torch.testing.assert_close(models.hidden_layer(model, ids, mask, layer), full[layer], atol=0, rtol=0)
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, :5] = -100
-        assert projects_only_labelled(model)
+        assert logits_are_head_output(model)
         own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         ours = labelled_token_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
     assert ours.item() == pytest.approx(own.item(), rel=1e-6)
