@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_lib.models import is_quantized
+from rlhf_lib.models import is_quantized, logits_are_head_output
 
 
 @dataclass
@@ -224,10 +224,16 @@ def _prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, token_bud
     lengths = query_mask.sum(dim=1).tolist()
     position_ids = (query_mask.cumsum(dim=1) - 1).clamp(min=0)  # as transformers' generate: count real tokens only
 
+    head_alone = logits_are_head_output(model)
+
     def forward(index: torch.Tensor | None, chunk_width: int):
         ids, mask, pos = (t if index is None else t[index] for t in (query_ids, query_mask, position_ids))
-        out = model(input_ids=ids[:, width - chunk_width:], attention_mask=mask[:, width - chunk_width:],
-                    position_ids=pos[:, width - chunk_width:], use_cache=True, logits_to_keep=1)
+        inputs = {"input_ids": ids[:, width - chunk_width:], "attention_mask": mask[:, width - chunk_width:],
+                  "position_ids": pos[:, width - chunk_width:], "use_cache": True}
+        if head_alone:  # the head on the last states as one matmul, not logits_to_keep's matmul per row (target_logits)
+            out = model.get_decoder()(**inputs)
+            return _output_cache(out), model.get_output_embeddings()(out.last_hidden_state[:, -1])
+        out = model(**inputs, logits_to_keep=1)
         return _output_cache(out), out.logits[:, -1, :]
 
     row_chunks = prefill_chunks(lengths, token_budget)

@@ -45,8 +45,8 @@ def test_prompts_are_read_once_in_their_chunks(policy, micro_tokenizer):
     lengths = encode_left_padded(micro_tokenizer, PROMPTS, None)["attention_mask"].sum(1).tolist()
     chunks = prefill_chunks(lengths, 16)
     assert len(chunks) > 1
-    shapes = []
-    hook = policy.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+    shapes = []  # of every forward through the blocks: the prefill calls the decoder itself, a decoding step the LM
+    hook = policy.get_decoder().register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
                                             with_kwargs=True)
     try:
         out = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=5, temperature=0.0, prefill_tokens=16)

@@ -138,8 +138,9 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 def logits_are_head_output(model: nn.Module) -> bool:
     """Whether `model`'s logits are its LM head applied to its decoder's last hidden state, nothing after it: then
     the head can be run on chosen states alone (`target_logits`)."""
-    config = model.config
-    return all(getattr(config, name, None) is None for name in _LOGIT_TRANSFORMS) and _decoder(model) is not None
+    config = getattr(model, "config", None)
+    return (config is not None and all(getattr(config, name, None) is None for name in _LOGIT_TRANSFORMS)
+            and _decoder(model) is not None)
 
 
 def target_logits(model: nn.Module, inputs: dict[str, torch.Tensor], predicts: torch.Tensor) -> torch.Tensor:
