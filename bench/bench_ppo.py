@@ -14,6 +14,8 @@ Designs, each in its own subprocess so that its peak RSS (ru_maxrss) is its own:
              `reward.feature_layers`' first depth, `reward.pooling`): the value and reward forwards stop there.
              Not TRL's set-up (its RM and value read the last block); it shows what the study gains when its RM
              picks that depth
+  ...+recompute  the rollout's old log-probs from a policy forward over the sampled text, not from the sampler
+             (`ppo.logprobs_from_sampler`, on in the tiny preset since 2026-12-05; TRL takes the sampler's)
   (options combine: shared@8+gc+mid)
   TRL        bench_trl_ppo.py (TRL 1.10 trl.experimental.ppo.PPOTrainer, full and LoRA) in its own venv
 
@@ -145,7 +147,7 @@ def run_design(design: str, preset: str, overrides: dict, artifacts: Path, itera
         "settings": {
             "rollout_batch": cfg.ppo.rollout_batch, "minibatch": cfg.ppo.minibatch, "ppo_epochs": cfg.ppo.ppo_epochs,
             "max_new_tokens": cfg.generation.max_new_tokens, "lora_rank": cfg.model.lora_rank, "model": cfg.model.name,
-            "rm_layer": roles.reward_layer},
+            "rm_layer": roles.reward_layer, "logprobs_from_sampler": cfg.ppo.logprobs_from_sampler},
     }
 
 
@@ -207,7 +209,7 @@ def report(results: list[dict], command: str, preset: str, started: str, load_be
             continue
         settings = r.get("settings", {})
         brief = ", ".join(f"{k}={v}" for k, v in settings.items() if k in (
-            "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "lora_rank", "rm_layer"))
+            "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens", "lora_rank", "rm_layer", "logprobs_from_sampler"))
         lines.append(f"| {r['design']} | {r['episodes']} | {r['episodes_per_s']} | {r.get('rollout_s', '')} | "
                      f"{r.get('update_s', '')} | {r['setup_s']} | {r['peak_rss_mb']} | {brief or 'batch 8, 32 tokens'} |")
     trl = {r["design"]: r for r in results if r["design"].startswith("TRL") and "error" not in r}
@@ -259,6 +261,8 @@ def main() -> None:
             name, overrides = ("shared", dict(batch8)) if base == "shared@8" else (base, {})
             if "gc" in options:
                 overrides["model.gradient_checkpointing"] = True
+            if "recompute" in options:
+                overrides["ppo.logprobs_from_sampler"] = False
             job = {"design": name, "preset": args.preset, "overrides": overrides, "artifacts": str(artifacts),
                    "iterations": args.iterations, "threads": args.threads, "rm": "rm_mid" if "mid" in options else "rm"}
             result = run_child([sys.executable, __file__, "--child", json.dumps(job)], env)

@@ -36,6 +36,7 @@ class Generated:
     ended_with_eos: torch.Tensor  # [B] bool: did the response end with EOS within the budget?
     texts: list[str]  # decoded responses, without special tokens
     token_logprobs: torch.Tensor | None = None  # [B, Lr] log-prob of each sampled token where it was sampled; 0 on pad
+    token_entropy: torch.Tensor | None = None  # [B, Lr] entropy of the distribution each token was drawn from; 0 on pad
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -127,15 +128,23 @@ def _output_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+def _entropy(logprobs: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of each row of [B, V] log-probabilities (tokens cut by top_p, at -inf, add nothing)."""
+    probs = logprobs.exp() if probs is None else probs
+    return -(probs * logprobs.nan_to_num(neginf=0.0)).sum(dim=-1)
+
+
 def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    """(next token, its log-prob under the distribution it was drawn from) for each row of [B, V] logits.
+    """(next token, its log-prob under the distribution it was drawn from, that distribution's entropy) for each
+    row of [B, V] logits.
 
     As transformers' warpers: logits / temperature, then the smallest set of tokens whose probability reaches
-    top_p; temperature 0 is greedy (its log-prob is under the untempered softmax)."""
+    top_p; temperature 0 is greedy (its log-prob and entropy are the untempered softmax's)."""
     logits = logits.float()
     if temperature == 0:
         token = logits.argmax(dim=-1)
-        return token, torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return token, logprobs.gather(1, token[:, None]).squeeze(1), _entropy(logprobs)
     scaled = logits / temperature
     if top_p < 1.0:
         sorted_logits, sorted_index = scaled.sort(dim=-1, descending=True)
@@ -152,7 +161,7 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, generat
     cdf = probs.double().cumsum(dim=-1)
     uniform = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)
     token = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
-    return token, logprobs.gather(1, token[:, None]).squeeze(1)
+    return token, logprobs.gather(1, token[:, None]).squeeze(1), _entropy(logprobs, probs)
 
 
 def _mergeable(cache) -> bool:
@@ -273,7 +282,8 @@ def generate(
     tokens each (None: all rows at once), so a chunk pads little and its activations stay in cache; the chunks'
     key/value caches are then left-padded to one layout, the layout `generate_with_transformers` would give the
     whole batch. Decoding stops once every row has sampled EOS.
-    Token log-probabilities under the sampling distribution are returned in `Generated.token_logprobs`.
+    Token log-probabilities under the sampling distribution, and its entropy at each step, are returned in
+    `Generated.token_logprobs` and `Generated.token_entropy`.
     """
     device = next(model.parameters()).device
     encoded = encode_left_padded(tokenizer, prompt_texts, max_prompt_tokens).to(device)
@@ -291,13 +301,14 @@ def generate(
     try:
         cache, logits = _prefill(model, query_ids, query_mask, prefill_tokens, capacity=width + max_new_tokens)
         mask = query_mask
-        tokens, logprobs = [], []
+        tokens, logprobs, entropies = [], [], []
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            token, logprob = _sample_next(logits, temperature, top_p, generator)
+            token, logprob, entropy = _sample_next(logits, temperature, top_p, generator)
             token = token.masked_fill(finished, pad_id)  # a finished row only pads, as transformers' generate does
             tokens.append(token)
             logprobs.append(logprob.masked_fill(finished, 0.0))
+            entropies.append(entropy.masked_fill(finished, 0.0))
             finished |= torch.isin(token, eos_ids)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
@@ -309,10 +320,11 @@ def generate(
         model.train(was_training)
     response = torch.stack(tokens, dim=1) if tokens else torch.full((rows, 1), pad_id, device=device)
     token_logprobs = torch.stack(logprobs, dim=1) if logprobs else torch.zeros(response.shape, device=device)
+    token_entropy = torch.stack(entropies, dim=1) if entropies else torch.zeros(response.shape, device=device)
     response, response_mask, ended = truncate_at_eos(response, tokenizer.eos_token_id, pad_id)
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
     return Generated(query_ids, query_mask, response, response_mask, ended, [t.strip() for t in texts],
-                     token_logprobs * response_mask)
+                     token_logprobs * response_mask, token_entropy * response_mask)
 
 
 def _adapter_can_merge(model) -> bool:

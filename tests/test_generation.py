@@ -57,15 +57,19 @@ def test_prompts_are_read_once_in_their_chunks(policy, micro_tokenizer):
     assert shapes[len(chunks):] == [(len(PROMPTS), 1)] * (out.response_ids.shape[1] - 1)
 
 
-def _full_forward_logprobs(model, out, temperature: float) -> torch.Tensor:
-    """log pi(token | prefix) of every sampled token from one forward over query + response: [B, Lr], 0 on pad."""
+def _full_forward_logprobs(model, out, temperature: float, with_entropy: bool = False):
+    """log pi(token | prefix) of every sampled token from one forward over query + response: [B, Lr], 0 on pad
+    (and, with_entropy, the entropy of each step's distribution, 0 on pad)."""
     ids, mask = out.input_ids, out.attention_mask
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
     width = out.query_ids.shape[1]
     logprobs = torch.log_softmax(logits[:, width - 1 : -1] / temperature, dim=-1)
-    return logprobs.gather(2, out.response_ids[..., None]).squeeze(-1) * out.response_mask
+    token_logprobs = logprobs.gather(2, out.response_ids[..., None]).squeeze(-1) * out.response_mask
+    if not with_entropy:
+        return token_logprobs
+    return token_logprobs, -(logprobs.exp() * logprobs).sum(-1) * out.response_mask
 
 
 @pytest.mark.parametrize("prefill_tokens", [None, 1, 16, 40])
@@ -85,9 +89,10 @@ def test_greedy_answers_match_transformers_generate_for_any_prefill_chunking(pol
 def test_sampled_tokens_carry_the_log_probs_of_a_plain_forward(policy, micro_tokenizer, temperature):
     out = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=8, temperature=temperature,
                    generator_seed=5, prefill_tokens=16)
-    expected = _full_forward_logprobs(policy, out, temperature)
+    expected, expected_entropy = _full_forward_logprobs(policy, out, temperature, with_entropy=True)
     assert out.response_mask.sum() > len(PROMPTS)  # more than one token per row was compared
     assert torch.allclose(out.token_logprobs, expected, atol=1e-4)
+    assert torch.allclose(out.token_entropy, expected_entropy, atol=1e-4) and expected_entropy.max() > 0.1
     assert (expected[out.response_mask.bool()] < -0.5).any()  # really sampled, not argmax everywhere
 
 
@@ -169,16 +174,18 @@ def test_each_draw_follows_the_tempered_distribution_and_never_picks_a_cut_token
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     logits = probs.clamp(min=1e-30).log().repeat(40_000, 1)
     generator = torch.Generator().manual_seed(0)
-    tokens, logprobs = _sample_next(logits, 1.0, 1.0, generator)
+    tokens, logprobs, _ = _sample_next(logits, 1.0, 1.0, generator)
     frequencies = torch.bincount(tokens, minlength=5).double() / len(tokens)
     assert torch.allclose(frequencies, probs.double(), atol=0.01)  # binomial sd at n=40000: <= 0.0025
     assert frequencies[4] == 0
     assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-5)
-    tempered, _ = _sample_next(logits, 0.5, 1.0, generator)  # T = 0.5 squares the odds: 0.25/0.09/... renormalised
+    tempered, _, _ = _sample_next(logits, 0.5, 1.0, generator)  # T = 0.5 squares the odds: 0.25/0.09/... renormalised
     expected = probs.double() ** 2 / (probs.double() ** 2).sum()
     assert torch.allclose(torch.bincount(tempered, minlength=5).double() / len(tempered), expected, atol=0.01)
-    nucleus, _ = _sample_next(logits, 1.0, 0.7, generator)  # 0.5 + 0.3 reach 0.7: only the first two remain
+    nucleus, _, nucleus_entropy = _sample_next(logits, 1.0, 0.7, generator)  # 0.5 + 0.3 reach 0.7: only the first two remain
     assert set(nucleus.tolist()) == {0, 1}
+    kept = torch.tensor([0.5, 0.3]) / 0.8  # the entropy of the renormalised nucleus, the cut tokens adding nothing
+    assert torch.allclose(nucleus_entropy, -(kept * kept.log()).sum().expand(len(nucleus)), atol=1e-5)
 
 
 def test_non_finite_logits_raise_floating_point_error(micro_tokenizer):

@@ -431,6 +431,28 @@ def test_first_minibatch_has_ratio_one_and_no_clipping_and_missing_eos_is_penali
     assert max(h["ratio_max_dev"] for h in history[1:]) > 1e-4  # later minibatches see a moved policy
 
 
+def test_logprobs_from_the_sampler_skip_a_forward_and_equal_the_recomputed_ones(micro_roles, monkeypatch):
+    """ppo.logprobs_from_sampler: the rollout takes the sampler's log-probs and entropies (as TRL does) without the
+    policy's forward, and in float32 they are the recomputed ones up to rounding, so the first minibatch's ratio
+    stays 1 within 1e-4 and nothing is clipped."""
+    cfg, roles, tokenizer, recomputed = micro_roles
+    fast_cfg = micro_cfg(**{"model.dtype": "float32", "ppo.logprobs_from_sampler": True})
+    policy_forwards = []
+    original = roles.policy_logprobs
+    monkeypatch.setattr(roles, "policy_logprobs", lambda *args: policy_forwards.append(1) or original(*args))
+    rollout = collect_rollout(roles, tokenizer, PROMPTS[:4], fast_cfg, kl_beta=0.02, seed=0)
+    assert not policy_forwards
+    assert torch.equal(rollout.response_ids, recomputed.response_ids)  # the same seed samples the same tokens
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.logprobs, recomputed.logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rollout.entropy, recomputed.entropy, atol=1e-4, rtol=0)
+    assert not rollout.logprobs[~mask].any() and (rollout.entropy[mask] > 0.1).all()
+    optimizer = torch.optim.AdamW(list(roles.named_trainable().values()), lr=1e-2)
+    history = ppo_update(roles, optimizer, rollout, fast_cfg.ppo, 2, torch.Generator().manual_seed(0))
+    assert len(policy_forwards) == len(history) == 2  # the update's own forward of each minibatch, no other
+    assert history[0]["ratio_max_dev"] < 1e-4 and history[0]["clip_frac"] == 0.0
+
+
 def test_rollout_takes_the_penalty_in_score_units(micro_roles):
     cfg, roles, tokenizer, rollout = micro_roles
     assert not rollout.ended_with_eos.all()  # 4 tokens from a random model: the penalty applies

@@ -223,6 +223,12 @@ class PPOConfig:
     max_kl: float = _knob(50.0, "Divergence guard: stop if mean sequence KL exceeds this.", low=0.0)
     min_entropy: float = _knob(0.01, "Divergence guard: stop if mean token entropy falls below this.", low=0.0)
     whiten_rewards: bool = _knob(False, "Whiten rewards before GAE (off in the paper).")
+    logprobs_from_sampler: bool = _knob(
+        False, "Take the rollout's old log-probs and entropies from the sampler (cached decoding with the policy's "
+        "LoRA merged), as TRL's PPOTrainer does, instead of a forward over the sampled text: one forward fewer per "
+        "rollout. The two differ by rounding only (~1e-5 in fp32, tested; more in bf16), so the first minibatch's "
+        "ratio is 1 up to that rounding instead of exactly. Off = the recomputed, exact log-probs.",
+    )
     collapse_fraction: float = _knob(
         0.5, "Collapse guard: fires when an iteration's mean response length or mean token entropy falls below this "
         "share of its value on the first rollout (before any policy update). The same share of the first "

@@ -104,6 +104,10 @@ def _concat_generated(chunks: list[Generated], pad_id: int) -> Generated:
     def right(x, width, value):
         return F.pad(x, (0, width - x.shape[1]), value=value)
 
+    def per_token(name):  # the sampler's per-token statistics, 0 on the padding added here
+        parts = [getattr(c, name) for c in chunks]
+        return None if any(part is None for part in parts) else torch.cat([right(part, lr, 0.0) for part in parts])
+
     return Generated(
         query_ids=torch.cat([left(c.query_ids, lq, pad_id) for c in chunks]),
         query_mask=torch.cat([left(c.query_mask, lq, 0) for c in chunks]),
@@ -111,6 +115,8 @@ def _concat_generated(chunks: list[Generated], pad_id: int) -> Generated:
         response_mask=torch.cat([right(c.response_mask, lr, 0) for c in chunks]),
         ended_with_eos=torch.cat([c.ended_with_eos for c in chunks]),
         texts=[t for c in chunks for t in c.texts],
+        token_logprobs=per_token("token_logprobs"),
+        token_entropy=per_token("token_entropy"),
     )
 
 
@@ -204,8 +210,13 @@ def collect_rollout(
     mask = sampled.response_mask.float()
     response_len = sampled.response_ids.shape[1]
 
-    # 2. logprobs under the policy and the reference (same temperature), and values, masked
-    logprobs, entropy = _chunked(lambda i, m: roles.policy_logprobs(i, m, response_len), batch, input_ids, attention_mask)
+    # 2. logprobs under the policy and the reference (same temperature), and values, masked. The policy's are the
+    # sampler's own where ppo.logprobs_from_sampler says so (as TRL's PPOTrainer takes them): one forward fewer.
+    if ppo.logprobs_from_sampler:
+        logprobs, entropy = sampled.token_logprobs, sampled.token_entropy
+    else:
+        logprobs, entropy = _chunked(lambda i, m: roles.policy_logprobs(i, m, response_len), batch, input_ids,
+                                     attention_mask)
     ref_logprobs = _chunked(lambda i, m: roles.reference_logprobs(i, m, response_len), batch, input_ids, attention_mask)
     values = _chunked(lambda i, m: roles.values(i, m, response_len), batch, input_ids, attention_mask)
     logprobs, ref_logprobs, entropy, values = logprobs * mask, ref_logprobs * mask, entropy * mask, values * mask
