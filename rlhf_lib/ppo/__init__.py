@@ -3,7 +3,7 @@
     core        the math, pure tensor functions in the paper's order: masked statistics, log-probabilities,
                 per-token KL rewards, GAE, clipped policy and value losses, the KL controller, the LR schedule
     roles       one frozen base carrying the policy, reference, value and reward as LoRA adapters
-    rollout     steps 1-6: sample, recompute log-probabilities and values, score, rewards and advantages
+    rollout     steps 1-6: sample, log-probabilities and values, score, rewards and advantages
     update      steps 7-8: PPO epochs over minibatches (+ the ptx term), per-group gradient clipping, EMA
     checkpoint  the resumable state of a run (weights, optimizer, EMA, counters)
     selection   the collapse guard and the choice of the exported checkpoint from validation points

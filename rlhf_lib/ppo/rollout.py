@@ -7,8 +7,9 @@
 
  1. rollout   sample a response per prompt from the policy at the rollout temperature; left-padded
               queries, responses truncated after the first EOS (rlhf_lib.generation.generate).
- 2. logprobs  recompute log pi(token) of every response token under the policy and the frozen
-              reference with the SAME temperature (logits / T), and the value of every state.
+ 2. logprobs  log pi(token) of every response token under the policy and the frozen reference with the SAME
+              temperature (logits / T), and the value of every state. The policy's are recomputed by a forward
+              over the sampled text, or taken from the sampler (`ppo.logprobs_from_sampler`, as TRL does).
  3. score     RM score of (prompt, response) read at the last token (EOS); minus `missing_eos_penalty` x
               the RM's `sft_score_std` (meta.json) when the response hit the length limit without EOS.
  4-6.         per-token rewards, GAE, advantage whitening (rlhf_lib.ppo.core).
@@ -202,7 +203,7 @@ def collect_rollout(
     batch = gen.batch_size
     penalty = ppo.missing_eos_penalty if missing_eos_penalty is None else missing_eos_penalty
 
-    # 1. rollout: pure temperature sampling (top_p 1, top_k 0) so step 2 can recompute the exact probabilities.
+    # 1. rollout: pure temperature sampling (top_p 1, top_k 0), so step 2's probabilities are the sampling ones.
     # Prompts are not cut here: the data stage already bounds their length, as for every other policy sample.
     sampled = _sample_responses(roles, tokenizer, prompts, cfg, gen.temperature, seed)
     input_ids = torch.cat([sampled.query_ids, sampled.response_ids], dim=1)
