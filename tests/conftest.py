@@ -20,6 +20,22 @@ def micro_tokenizer():
 
 
 @pytest.fixture()
+def micro_lora():
+    """micro in float32 with the micro preset's LoRA, its B matrices drawn (std 0.02): a trained-looking adapter,
+    whose gradients are not those of B = 0."""
+    from rlhf_lib import models
+    from rlhf_lib.config import load_preset
+
+    torch.manual_seed(0)
+    model = models.lora_from_config(models.load_causal_lm("micro", dtype="float32"), load_preset("micro").model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    return model
+
+
+@pytest.fixture()
 def micro_model():
     from rlhf_lib import models
 

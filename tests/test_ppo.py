@@ -296,19 +296,14 @@ def test_recomputed_logprobs_use_the_rollout_temperature(artifacts, micro_tokeni
 
 
 @pytest.mark.parametrize("capped", [False, True], ids=["head-at-response-only", "logit-cap-whole-forward"])
-def test_response_logprobs_are_the_full_forwards_and_zero_after_eos(capped):
+def test_response_logprobs_are_the_full_forwards_and_zero_after_eos(capped, micro_lora):
     """The LM head run only where a response token is predicted (and there only) gives the log-probs, entropies and
     LoRA gradients of the model's whole forward, with left-padded prompts and right padding after EOS (zero there).
     A model whose config caps the logits after the head (gemma 2) keeps its own forward, the head over every column
     from the first response-predicting one (the micro model itself applies no cap, so the numbers agree either way)."""
     from rlhf_lib.ppo import logprobs_and_entropy, response_logprobs
 
-    torch.manual_seed(0)
-    model = models.lora_from_config(models.load_causal_lm("micro", dtype="float32"), load_preset("micro").model)
-    with torch.no_grad():  # a trained-looking adapter, so its gradients are not those of B = 0
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02)
+    model = micro_lora
     if capped:
         model.config.final_logit_softcapping = 3.0
     assert models.logits_are_head_output(model) is not capped

@@ -43,18 +43,13 @@ def test_model_loss_trainer_gives_trls_fused_loss(micro_tokenizer, tmp_path):
     assert losses["model"] > 1.0  # a random model's loss: the comparison is not between two zeros
 
 
-def test_labelled_token_loss_is_the_models_loss_and_gradient():
+def test_labelled_token_loss_is_the_models_loss_and_gradient(micro_lora):
     """The head applied at labelled positions only: the model's own loss and LoRA gradients, with padding, a prompt
     masked out, and with and without the Trainer's token count."""
     from rlhf_lib import models
     from rlhf_lib.sft.train import labelled_token_loss
 
-    torch.manual_seed(0)
-    model = models.lora_from_config(models.load_causal_lm("micro", dtype="float32"), load_preset("micro").model)
-    with torch.no_grad():  # a trained-looking adapter, so its gradients are not those of B = 0
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02)
+    model = micro_lora
     assert models.logits_are_head_output(model)
     ids = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(1)).to(model.device)
     mask = torch.ones_like(ids)
