@@ -79,6 +79,14 @@ def block_count(model: nn.Module) -> int:
     return (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
 
 
+def cut_depth(model: nn.Module, layer: int) -> int | None:
+    """k when hidden_states[layer] (negative: counted from the end) is block k's output with 0 < k < blocks: a head
+    reading it needs the first k blocks only. None for the embeddings and the last layer: a whole forward."""
+    blocks = block_count(model)
+    depth = layer % (blocks + 1)
+    return depth if 0 < depth < blocks else None
+
+
 @contextmanager
 def first_blocks_only(model: nn.Module, blocks: int) -> Iterator[bool]:
     """Within: the model runs only its first `blocks` blocks and leaves out the final norm, so the last entry of
@@ -120,7 +128,7 @@ def hidden_states(
             return decoder(**inputs).hidden_states
         return model(**inputs, logits_to_keep=1).hidden_states  # the head at one position per row only
 
-    if through is None or not 0 < through < block_count(model):
+    if through is None or cut_depth(model, through) != through:  # not 0 < through < blocks: every block runs
         return forward()
     with first_blocks_only(model, through) as truncated:
         states = forward()
@@ -166,10 +174,9 @@ def layer_states(
 ) -> list[torch.Tensor]:
     """The hidden states [batch, seq, hidden] of each of `layers` (indices into `hidden_states`, negative ones
     counted from the end), from a forward through the blocks up to the deepest of them only."""
-    blocks = block_count(model)
-    wanted = [layer % (blocks + 1) for layer in layers]
+    wanted = [layer % (block_count(model) + 1) for layer in layers]
     states = hidden_states(model, input_ids, attention_mask, through=max(wanted))
-    truncated = 0 < max(wanted) < blocks  # then `states` holds entries 0..max(wanted) only
+    truncated = cut_depth(model, max(wanted)) is not None  # then `states` holds entries 0..max(wanted) only
     return [states[index] for index in (wanted if truncated else layers)]
 
 

@@ -260,8 +260,8 @@ def build_roles(
             reward_fn = score_with_rm
     model.set_adapter("policy")
     apply_trainability(model)
-    value_block = value_layer % (models.block_count(model) + 1)
-    if 0 < value_block < models.block_count(model):  # the value reads a middle layer: the blocks above never run
+    value_block = models.cut_depth(model, value_layer)
+    if value_block is not None:  # the value reads a middle layer: the blocks above never run
         freeze_blocks_from(model, "value", value_block)
     value_head.float().requires_grad_(True)
     freeze_dropout(model)
