@@ -17,8 +17,9 @@ rounds (the median is reported):
   ours@P/D       rlhf_lib.generation.generate as sample_texts calls it: LoRA merged in place for the call
                  (`adapter_merged`), prompts sorted into groups of D rows, each group's prompts read in chunks of up
                  to P tokens (rows x longest prompt), then its D rows decoded together on one preallocated
-                 key/value cache
-  copy@P/D       the same, merged into a deep copy of the peft model instead (the study's merge until 2026-12-05)
+                 key/value cache, each new token through `rlhf_lib.decoding.DecodeStep`
+  hfstep@P/D     the same, each new token through the model's own forward instead (`decode_with_transformers`: the
+                 study's decoding step until 2026-12-05; the deep-copy merge it replaced is in earlier results)
 
 Prefill and decode are timed apart: prefill = the same call with one new token; decode = the rest. The
 arithmetic bound is 2 x parameters x tokens processed (real prompt tokens + sampled tokens, padding excluded)
@@ -81,7 +82,7 @@ def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int]
     def sample(new_tokens: int) -> tuple[float, int, int]:
         started = time.perf_counter()
         # The merge is part of the cost, once per call.
-        merge = {"plain": nullcontext, "ours": adapter_merged}.get(kind, merged_deep_copy)
+        merge = {"plain": nullcontext, "sorted": merged_deep_copy}.get(kind, adapter_merged)
         if kind == "plain":
             groups = [list(range(s, min(s + batch, len(texts)))) for s in range(0, len(texts), batch)]
         else:
@@ -95,7 +96,8 @@ def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int]
                                                      temperature=1.0, generator_seed=seed + index)
                 else:
                     out = generate(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=1.0,
-                                   generator_seed=seed + index, prefill_tokens=batch)
+                                   generator_seed=seed + index, prefill_tokens=batch,
+                                   decode_with_transformers=kind == "hfstep")
                 prompt_tokens += int(out.query_mask.sum())
                 sampled += int(out.response_mask.sum())
         return time.perf_counter() - started, prompt_tokens, sampled
@@ -108,7 +110,7 @@ def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int]
 
 def design_name(design: tuple[str, int, int]) -> str:
     kind, batch, decode_rows = design
-    return f"{kind}@{batch}/{decode_rows}" if kind in ("ours", "copy") else f"{kind}@{batch}"
+    return f"{kind}@{batch}/{decode_rows}" if kind in ("ours", "hfstep") else f"{kind}@{batch}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.prompts} prompts (RM comparisons, evaluation)": (
             [format_prompt(tokenizer, p) for p in bench_prompts(args.prompts)],
             [("plain", 8, 8), ("plain", batch, batch), ("sorted", batch, batch), ("ours", 4 * prefill, decode_rows),
-             ("ours", prefill, decode_rows)],
+             ("hfstep", prefill, decode_rows), ("ours", prefill, decode_rows)],
         ),
         f"{rollout} prompts (one PPO rollout, ppo.rollout_batch)": (
             [format_prompt(tokenizer, p) for p in bench_prompts(rollout)],
             [("plain", rollout, rollout), ("sorted", rollout, rollout), ("ours", 8 * prefill, rollout),
-             ("copy", prefill, rollout), ("ours", prefill, rollout)],
+             ("hfstep", prefill, rollout), ("ours", prefill, rollout)],
         ),
     }
     load_before = os.getloadavg()[0]

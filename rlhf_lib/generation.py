@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_lib.decoding import DecodeStep
 from rlhf_lib.models import is_quantized, logits_are_head_output
 
 
@@ -233,6 +234,7 @@ def _preallocated_cache(parts: list[tuple[torch.Tensor | None, object]], rows: i
 
     cache = DynamicCache()
     cache.layers = [PreallocatedLayer(layer) for layer in range(len(parts[0][1].layers))]
+    cache.preallocated = True  # what `DecodeStep` can write into
     return cache
 
 
@@ -301,6 +303,7 @@ def generate(
     max_prompt_tokens: int | None = None,
     generator_seed: int | None = None,
     prefill_tokens: int | None = None,
+    decode_with_transformers: bool = False,
 ) -> Generated:
     """Sample one response per (already formatted) prompt text: the study's sampler.
 
@@ -308,7 +311,9 @@ def generate(
     row. The prompts are read first ("prefill") in chunks of rows of similar token length, up to `prefill_tokens`
     tokens each (None: all rows at once), so a chunk pads little and its activations stay in cache; the chunks'
     key/value caches are then left-padded to one layout, the layout `generate_with_transformers` would give the
-    whole batch. Decoding stops once every row has sampled EOS.
+    whole batch. Each new token then goes through `decoding.DecodeStep` where it knows the model (a Llama-style
+    decoder in float32 on the CPU), else (or with `decode_with_transformers`) through the model's own forward.
+    Decoding stops once every row has sampled EOS.
     Token log-probabilities under the sampling distribution, and its entropy at each step, are returned in
     `Generated.token_logprobs` and `Generated.token_entropy`.
     """
@@ -328,6 +333,13 @@ def generate(
     try:
         cache, logits = _prefill(model, query_ids, query_mask, prefill_tokens, capacity=width + max_new_tokens)
         mask = query_mask
+        decode_step = None
+        if not decode_with_transformers and getattr(cache, "preallocated", False):
+            decode_step = DecodeStep.for_model(model)
+        if decode_step is not None:  # 0 where a row attends a cache position, -inf on its prompt's left padding
+            attention_bias = torch.zeros((rows, width + max_new_tokens), device=device)
+            attention_bias[:, :width].masked_fill_(query_mask == 0, float("-inf"))
+        first_position = query_mask.sum(dim=1, keepdim=True)  # of each row's first new token
         tokens, logprobs, entropies = [], [], []
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
@@ -339,6 +351,9 @@ def generate(
             finished |= torch.isin(token, eos_ids)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
+            if decode_step is not None:
+                logits = decode_step(token, first_position + step, cache, attention_bias)
+                continue
             mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
                         use_cache=True, **{cache_kwarg: cache})

@@ -49,12 +49,66 @@ def test_prompts_are_read_once_in_their_chunks(policy, micro_tokenizer):
     hook = policy.get_decoder().register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
                                             with_kwargs=True)
     try:
-        out = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=5, temperature=0.0, prefill_tokens=16)
+        out = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=5, temperature=0.0, prefill_tokens=16,
+                       decode_with_transformers=True)
+        decoder_calls = len(shapes)
+        own = generate(policy, micro_tokenizer, PROMPTS, max_new_tokens=5, temperature=0.0, prefill_tokens=16)
     finally:
         hook.remove()
     expected = [(len(rows), max(lengths[row] for row in rows)) for rows in chunks]
     assert shapes[: len(chunks)] == expected
-    assert shapes[len(chunks):] == [(len(PROMPTS), 1)] * (out.response_ids.shape[1] - 1)
+    assert shapes[len(chunks) : decoder_calls] == [(len(PROMPTS), 1)] * (out.response_ids.shape[1] - 1)
+    assert shapes[decoder_calls:] == expected  # DecodeStep decodes without the model's forward
+    assert torch.equal(own.response_ids, out.response_ids)
+
+
+def _small_decoder(model_type: str, **overrides):
+    """A random 2-layer decoder of `model_type` with grouped key/value heads, in float32."""
+    import transformers
+
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    config = config_class(**{**models.MICRO_CONFIG, "vocab_size": 49152, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, **overrides})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).float().eval()
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("llama", {}), ("llama", {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1}), ("qwen2", {}),
+])
+def test_decode_step_samples_what_the_models_forward_samples(micro_tokenizer, model_type, overrides):
+    from rlhf_lib.decoding import DecodeStep
+
+    model = _small_decoder(model_type, **overrides)
+    assert DecodeStep.for_model(model) is not None
+    common = dict(max_new_tokens=10, temperature=1.0, generator_seed=2, prefill_tokens=16)
+    own = generate(model, micro_tokenizer, PROMPTS, **common)
+    reference = generate(model, micro_tokenizer, PROMPTS, **common, decode_with_transformers=True)
+    assert torch.equal(own.response_ids, reference.response_ids) and own.response_mask.sum() > 3 * len(PROMPTS)
+    torch.testing.assert_close(own.token_logprobs, reference.token_logprobs, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(own.token_entropy, reference.token_entropy, rtol=1e-6, atol=1e-5)
+    expected = _full_forward_logprobs(model, own, 1.0)
+    torch.testing.assert_close(own.token_logprobs, expected, rtol=0, atol=1e-4)
+
+
+def test_decode_step_applies_only_where_its_output_is_the_models(micro_tokenizer):
+    from rlhf_lib.decoding import DecodeStep
+    from rlhf_lib.generation import adapter_merged
+
+    peft_model = models.add_lora(_small_decoder("llama"), rank=4, alpha=8)
+    assert DecodeStep.for_model(peft_model) is None  # the adapter's matmuls would be skipped
+    with adapter_merged(peft_model) as merged:
+        assert DecodeStep.for_model(merged) is not None
+    with peft_model.disable_adapter():  # the bare base: the step applies, and samples what the forward samples
+        assert DecodeStep.for_model(peft_model) is not None
+        common = dict(max_new_tokens=6, temperature=0.0, prefill_tokens=16)
+        assert torch.equal(generate(peft_model, micro_tokenizer, PROMPTS, **common).response_ids,
+                           generate(peft_model, micro_tokenizer, PROMPTS, **common, decode_with_transformers=True).response_ids)
+    assert DecodeStep.for_model(_small_decoder("llama").bfloat16()) is None
+    assert DecodeStep.for_model(_small_decoder("qwen2", use_sliding_window=True, sliding_window=4,
+                                               max_window_layers=0)) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert DecodeStep.for_model(_small_decoder("llama")) is None
 
 
 def _full_forward_logprobs(model, out, temperature: float, with_entropy: bool = False):
