@@ -242,36 +242,6 @@ def test_each_draw_follows_the_tempered_distribution_and_never_picks_a_cut_token
     assert torch.allclose(nucleus_entropy, -(kept * kept.log()).sum().expand(len(nucleus)), atol=1e-5)
 
 
-def test_two_level_draw_picks_the_token_of_one_float64_cumsum_and_never_a_zero_weight_one():
-    from rlhf_lib.generation import CDF_BLOCK, draw_by_inverse_cdf
-
-    generator = torch.Generator().manual_seed(0)
-    vocab = 3 * CDF_BLOCK + 37  # the last block is padded
-    probs = torch.rand((64, vocab), generator=generator) ** 8  # mass spread over every block, many tiny weights
-    probs[:, CDF_BLOCK : 2 * CDF_BLOCK] = 0.0  # a whole block without mass
-    probs[:, -5:] = 0.0
-    uniform = torch.rand((64, 1), generator=generator, dtype=torch.float64)
-    cdf = probs.double().cumsum(dim=-1)
-    expected = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(1)
-    assert torch.equal(draw_by_inverse_cdf(probs, uniform), expected)
-    # The edges: u = 0 takes the first token with weight; u just below 1 the last one, not the padding after it.
-    weights = torch.zeros((2, vocab))
-    weights[:, [3, CDF_BLOCK - 1, 2 * CDF_BLOCK + 10]] = torch.tensor([0.2, 0.3, 0.5])
-    edges = torch.tensor([[0.0], [1.0 - 2.0**-53]], dtype=torch.float64)
-    assert draw_by_inverse_cdf(weights, edges).tolist() == [3, 2 * CDF_BLOCK + 10]
-    # A block whose running sum ends one float64 step below its total (weights over ~26 orders of magnitude): at the
-    # top of that block's range the draw must stay inside it, not run on to the zero-weight block after it.
-    wide = (torch.randn(CDF_BLOCK, generator=torch.Generator().manual_seed(1)) * 30).exp().float()
-    wide = torch.cat([wide / wide.sum(), torch.zeros(CDF_BLOCK)])[None]
-    assert wide.double().cumsum(dim=-1)[0, -1] < wide.sum(dtype=torch.float64)  # the case this checks
-    top = draw_by_inverse_cdf(wide, edges[1:])
-    assert top.item() < CDF_BLOCK and wide[0, top.item()] > 0
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        draw_by_inverse_cdf(torch.tensor([[0.5, float("nan")], [0.5, 0.5]]), edges)
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        draw_by_inverse_cdf(torch.tensor([[0.5, float("inf")], [0.5, 0.5]]), edges)
-
-
 def test_non_finite_logits_raise_floating_point_error(micro_tokenizer):
     class NaNLM(_ScriptedLM):
         def forward(self, *args, **kwargs):
