@@ -67,12 +67,8 @@ def bench_prompts(n: int) -> list[str]:
 def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int], max_new_tokens: int,
                seed: int) -> dict[str, float]:
     """Seconds to sample every prompt (and with one new token: the prefill), and the tokens processed."""
-    from rlhf_lib.generation import (
-        adapter_merged,
-        generate,
-        generate_with_transformers,
-        length_sorted_batches,
-    )
+    from rlhf_lib.generation import generate, generate_with_transformers, length_sorted_batches
+    from rlhf_lib.models import adapter_merged
 
     kind, batch, decode_rows = design
 

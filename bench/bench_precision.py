@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_lib import models
     from rlhf_lib.config import load_preset
-    from rlhf_lib.generation import adapter_merged, generate
+    from rlhf_lib.generation import generate
+    from rlhf_lib.models import adapter_merged
     from rlhf_lib.prompting import format_prompt
     from rlhf_lib.sft.train import labelled_token_loss
 

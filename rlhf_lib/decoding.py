@@ -7,7 +7,7 @@ on the CPU, where transformers' forward spends a tenth of each step on module ca
 It knows the decoders whose layer is exactly Llama's (RMSNorm, rotary attention with grouped key/value heads,
 SiLU-gated MLP, pre-norm residuals): model types "llama" (SmolLM2 among them) and "qwen2" without sliding layers,
 in float32 on the CPU, every projection a plain `nn.Linear` or a peft LoRA layer whose adapter is merged
-(`generation.adapter_merged`) or switched off. Anything else (4-bit weights, an unmerged adapter, autocast,
+(`models.adapter_merged`) or switched off. Anything else (4-bit weights, an unmerged adapter, autocast,
 gemma's scaled embeddings and capped logits, another device) gets None, and transformers' forward runs instead.
 Measured side by side on SmolLM2-135M (bench/results/generation_bench.md, designs ours and hfstep): one 16-prompt
 PPO rollout decodes in 2.6 s against 2.9 s through the forward; at 48 rows the two tie (5.2 s), where a step is

@@ -15,15 +15,15 @@ as the reference the tests compare against and the baseline bench/bench_generati
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from rlhf_lib.decoding import DecodeStep
-from rlhf_lib.models import is_quantized, logits_are_head_output
+from rlhf_lib.models import adapter_merged, logits_are_head_output
 
 
 @dataclass
@@ -343,63 +343,6 @@ def generate(
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
     return Generated(query_ids, query_mask, response, response_mask, ended, [t.strip() for t in texts],
                      token_logprobs * response_mask, token_entropy * response_mask)
-
-
-def _adapter_can_merge(model) -> bool:
-    """Whether `model` has an active LoRA adapter that merging would remove from every token's work: a peft model,
-    its adapter switched on (`disable_adapter()` means the caller wants the base), its base not quantized (a merge
-    would re-quantize the weights and change the policy)."""
-    if not hasattr(model, "merge_and_unload") or is_quantized(model):
-        return False
-    return not any(getattr(module, "_disable_adapters", False) for module in model.modules())
-
-
-@contextmanager
-def adapter_merged(model) -> Iterator:
-    """Within: `model` with its active LoRA adapter merged into its weights, so sampling skips the adapter's extra
-    matmuls on every token (bench/bench_generation.py measures it); on exit the original weight tensors are put
-    back, bit for bit, and the adapter is live again. The model itself, unchanged, where `_adapter_can_merge` says no.
-
-    The merged weights are new tensors: each adapted layer's weight (and bias) is copied, and peft merges into the
-    copy in place. The originals are kept aside, not un-merged by subtraction, whose rounding would drift a shared
-    frozen base over a run. Cheaper than a merged deep copy of the whole peft model (PPO's carries four adapters):
-    only the adapted layers' weights are new (bench/results/ppo_bench_2026-12-05e.md against 05d: half a second less
-    per rollout). Non-finite merged weights are refused, as peft's safe merge refuses them, but by one sum per layer
-    (NaN and inf survive a sum) instead of its element-wise test: that test was half the merge's time (profiled).
-    """
-    if not _adapter_can_merge(model):
-        yield model
-        return
-    from peft.tuners.lora import LoraLayer
-
-    adapter = model.active_adapter
-    merged: list[tuple[LoraLayer, torch.Tensor, torch.Tensor | None]] = []
-    try:
-        with torch.no_grad():  # the delta B @ A of a trainable adapter must not join a graph
-            sums: dict[str, torch.Tensor] = {}
-            for name, module in model.named_modules():
-                if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                    base = module.get_base_layer()
-                    bias = getattr(base, "bias", None)
-                    merged.append((module, base.weight.data, bias.data if bias is not None else None))
-                    base.weight.data = base.weight.data.clone()  # peft's unsafe merge adds in place: into the copy
-                    if bias is not None:
-                        base.bias.data = bias.data.clone()
-                    module.merge(safe_merge=False, adapter_names=[adapter])
-                    sums[name] = base.weight.data.sum()
-            if sums and not torch.isfinite(torch.stack(list(sums.values()))).all():
-                broken = [name for name, total in sums.items() if not torch.isfinite(total)]
-                raise ValueError(f"adapter {adapter!r} gives non-finite weights when merged ({len(broken)} layers, "
-                                 f"first {broken[0]}): it has diverged (NaN or inf in its LoRA matrices).")
-        yield model
-    finally:
-        for module, weight, bias in merged:
-            base = module.get_base_layer()
-            base.weight.data = weight
-            if bias is not None:
-                base.bias.data = bias
-            if adapter in module.merged_adapters:  # peft itself un-merges (in place, on the new tensor) if disabled
-                module.merged_adapters.remove(adapter)
 
 
 def length_sorted_batches(tokenizer, prompt_texts: Sequence[str], batch_size: int) -> list[list[int]]:

@@ -93,7 +93,7 @@ def test_decode_step_samples_what_the_models_forward_samples(micro_tokenizer, mo
 
 def test_decode_step_applies_only_where_its_output_is_the_models(micro_tokenizer):
     from rlhf_lib.decoding import DecodeStep
-    from rlhf_lib.generation import adapter_merged
+    from rlhf_lib.models import adapter_merged
 
     peft_model = models.add_lora(_small_decoder("llama"), rank=4, alpha=8)
     assert DecodeStep.for_model(peft_model) is None  # the adapter's matmuls would be skipped

@@ -149,7 +149,7 @@ def test_merged_sampler_has_the_policys_log_probs_restores_the_weights_and_keeps
         micro_tokenizer):
     from peft.tuners.lora import LoraLayer
 
-    from rlhf_lib.generation import adapter_merged
+    from rlhf_lib.models import adapter_merged
 
     policy = _micro_policy()
     batch = micro_tokenizer(["one two three four", "a b"], return_tensors="pt", padding=True).to(policy.device)
@@ -178,7 +178,7 @@ def test_merged_sampler_has_the_policys_log_probs_restores_the_weights_and_keeps
 
 
 def test_merging_a_diverged_adapter_is_refused_and_the_weights_are_restored():
-    from rlhf_lib.generation import adapter_merged
+    from rlhf_lib.models import adapter_merged
 
     policy = _micro_policy()
     before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}

@@ -48,6 +48,7 @@ from rlhf_lib.models.heads import (
     target_logits,
 )
 from rlhf_lib.models.loading import (
+    adapter_merged,
     add_lora,
     hub_reachable,
     is_quantized,
@@ -100,6 +101,7 @@ __all__ = [
     "ModelUnavailableError",
     "OfflineModel",
     "ScalarHead",
+    "adapter_merged",
     "add_lora",
     "atomic_directory",
     "baseline_description",

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_lib.config import PPOConfig, StudyConfig
-from rlhf_lib.generation import Generated, adapter_merged, generate
+from rlhf_lib.generation import Generated, generate
+from rlhf_lib.models import adapter_merged
 from rlhf_lib.ppo.core import explained_variance, gae, masked_mean, masked_whiten, per_token_rewards
 from rlhf_lib.ppo.roles import PolicyValueRoles, RewardFn
 from rlhf_lib.prompting import format_prompt
