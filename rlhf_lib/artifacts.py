@@ -237,11 +237,12 @@ class RewardModel:
         # Batches of similar length pad little (a few long HHH dialogues would otherwise pad whole batches).
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        out = [
-            self.pooled_states([prompts[j] for j in chunk], [responses[j] for j in chunk], [ended[j] for j in chunk],
-                               layers).float().cpu()
-            for chunk in tqdm(chunks, desc=desc, disable=not progress, unit="batch")
-        ]
+        with models.merged_for_batches(self.model, len(chunks)):  # a LoRA RM's adapter merged once for all batches
+            out = [
+                self.pooled_states([prompts[j] for j in chunk], [responses[j] for j in chunk],
+                                   [ended[j] for j in chunk], layers).float().cpu()
+                for chunk in tqdm(chunks, desc=desc, disable=not progress, unit="batch")
+            ]
         self.model.train(was_training)
         features = torch.empty(n_layers, len(prompts), out[0].shape[2])
         features[:, torch.tensor(order)] = torch.cat(out, dim=1)

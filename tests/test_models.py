@@ -369,3 +369,32 @@ def test_cut_forwards_and_the_labelled_loss_hold_for_every_preset_family(family)
         own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         ours = labelled_token_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
     assert ours.item() == pytest.approx(own.item(), rel=1e-6)
+
+
+def test_scoring_merges_the_adapter_once_for_many_batches_with_the_same_numbers(micro_tokenizer):
+    """RM features and continuation log-probs over several batches run with the LoRA merged (`merged_for_batches`),
+    one batch with it live; both give the numbers of the live adapter, and the weights come back bit for bit."""
+    from rlhf_lib.artifacts import RewardModel
+    from rlhf_lib.evaluation.lm_scoring import continuation_logprobs
+
+    policy = _micro_policy()
+    before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+    merged_during_forward = []
+    probe = next(module for module in policy.modules() if hasattr(module, "merged_adapters"))
+    hook = probe.register_forward_pre_hook(lambda module, args: merged_during_forward.append(bool(module.merged)))
+    prompts = ["Name a colour.", "Say hi.", "What is two plus two?", "Write a word.", "Count to three.", "Why?"]
+    responses = ["Red.", "Hi there, friend.", "Four.", "Word", "One, two, three.", "Because."]
+    try:
+        rm = RewardModel(policy, models.ScalarHead(models.hidden_size_of(policy)), micro_tokenizer, "micro")
+        several, one = rm.features(prompts, responses, batch_size=2), rm.features(prompts, responses, batch_size=8)
+        assert merged_during_forward == [True] * 3 + [False]
+        torch.testing.assert_close(several, one, rtol=1e-5, atol=1e-5)
+        merged_during_forward.clear()
+        sums, counts = continuation_logprobs(policy, micro_tokenizer, prompts, responses, batch_size=2)
+        single = [continuation_logprobs(policy, micro_tokenizer, [prompt], [response], batch_size=1)
+                  for prompt, response in zip(prompts, responses, strict=True)]
+        assert merged_during_forward == [True] * 3 + [False] * len(prompts)
+        assert sums == pytest.approx([s[0][0] for s in single], abs=1e-4) and list(counts) == [s[1][0] for s in single]
+    finally:
+        hook.remove()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in policy.state_dict().items())

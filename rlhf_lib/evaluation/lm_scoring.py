@@ -70,31 +70,33 @@ def score_token_lists(
     model.eval()
     # Longest first: similar lengths share a batch, so little compute goes to padding.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    batches = -(-len(order) // batch_size)
     try:
-        for start in range(0, len(order), batch_size):
-            batch = [i for i in order[start : start + batch_size] if counts[i] > 0]
-            if not batch:
-                continue
-            width = max(len(rows[i][0]) for i in batch)
-            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                seq = rows[i][0]
-                ids[r, width - len(seq) :] = torch.tensor(seq)
-                mask[r, width - len(seq) :] = 1
-            # Column t's logits predict token t + 1: each row's continuation is predicted by the columns before it.
-            predicts = torch.zeros((len(batch), width - 1), dtype=torch.bool)
-            for r, i in enumerate(batch):
-                predicts[r, width - 1 - counts[i] :] = True
-            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                      "position_ids": models.position_ids_from_mask(mask).to(device)}
-            predicts = predicts.to(device)
-            logits = models.target_logits(model, inputs, predicts).float()  # [scored tokens, vocabulary]
-            targets = inputs["input_ids"][:, 1:][predicts]
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            row_sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
-            row_sums.index_add_(0, predicts.nonzero()[:, 0], logprobs.double())
-            sums[batch] = row_sums.cpu().numpy()
+        with models.merged_for_batches(model, batches):  # a LoRA adapter merged once for all batches
+            for start in range(0, len(order), batch_size):
+                batch = [i for i in order[start : start + batch_size] if counts[i] > 0]
+                if not batch:
+                    continue
+                width = max(len(rows[i][0]) for i in batch)
+                ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, i in enumerate(batch):
+                    seq = rows[i][0]
+                    ids[r, width - len(seq) :] = torch.tensor(seq)
+                    mask[r, width - len(seq) :] = 1
+                # Column t's logits predict token t + 1: each row's continuation is predicted by the columns before it.
+                predicts = torch.zeros((len(batch), width - 1), dtype=torch.bool)
+                for r, i in enumerate(batch):
+                    predicts[r, width - 1 - counts[i] :] = True
+                inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                          "position_ids": models.position_ids_from_mask(mask).to(device)}
+                predicts = predicts.to(device)
+                logits = models.target_logits(model, inputs, predicts).float()  # [scored tokens, vocabulary]
+                targets = inputs["input_ids"][:, 1:][predicts]
+                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                row_sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+                row_sums.index_add_(0, predicts.nonzero()[:, 0], logprobs.double())
+                sums[batch] = row_sums.cpu().numpy()
     finally:
         model.train(was_training)
     return sums, counts

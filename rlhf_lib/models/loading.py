@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -255,6 +255,13 @@ def adapter_merged(model) -> Iterator:
                 base.bias.data = bias
             if adapter in module.merged_adapters:  # peft itself un-merges (in place, on the new tensor) if disabled
                 module.merged_adapters.remove(adapter)
+
+
+def merged_for_batches(model, batches: int):
+    """`adapter_merged(model)` when the model is about to read more than one batch without gradients, else the model
+    as it is. A merge costs about what one batch gains from it: for SmolLM2-135M ~0.3 s, while a forward of
+    8 x 83 tokens runs 0.26 s faster merged (bench/results/scoring_bench.md measures the whole effect)."""
+    return adapter_merged(model) if batches > 1 else nullcontext(model)
 
 
 def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
