@@ -3,6 +3,7 @@
     from bench_common import matmul_gflops, run_header, publish
     rate = matmul_gflops()                                        # fp32 GFLOP/s of this machine, now
     args = step_bench_parser(__doc__).parse_args(argv)            # --preset --repeats --steps --threads --out
+    args = bench_parser(__doc__, repeats=2).parse_args(argv)      # the same without --steps
     model = trained_looking_lora(cfg)                             # the preset's base + a LoRA with B != 0
     lines = ["# Title", "", *run_header("bench/bench_x.py", argv, threads, load_before)]
     publish(lines, args.out)                                      # print, and write the markdown when asked
@@ -31,14 +32,20 @@ def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torc
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def step_bench_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments the step benchmarks (bench_training, bench_precision) share."""
+def bench_parser(doc: str, repeats: int = 3) -> argparse.ArgumentParser:
+    """The arguments every interleaved benchmark takes: --preset --repeats --threads --out."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (the median is reported)")
-    parser.add_argument("--steps", type=int, default=2, help="timed calls per design per round")
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved rounds (the median is reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="", help="write the markdown table here (default: print only)")
+    return parser
+
+
+def step_bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments the step benchmarks (bench_training, bench_precision) share: bench_parser's and --steps."""
+    parser = bench_parser(doc)
+    parser.add_argument("--steps", type=int, default=2, help="timed calls per design per round")
     return parser
 
 

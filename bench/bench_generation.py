@@ -28,7 +28,6 @@ at the fp32 matmul rate measured in the same run; "% of bound" is that bound's t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -43,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_common import matmul_gflops, publish, run_header  # noqa: E402
+from bench_common import bench_parser, matmul_gflops, publish, run_header  # noqa: E402
 from bench_ppo import PROMPTS  # noqa: E402
 
 PASSAGE = (
@@ -110,12 +109,8 @@ def design_name(design: tuple[str, int, int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
+    parser = bench_parser(__doc__, repeats=2)
     parser.add_argument("--prompts", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="", help="write the markdown table here (default: print only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

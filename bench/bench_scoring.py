@@ -18,7 +18,6 @@ The adapter is random LoRA of the preset's rank on the preset's base (speed does
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_common import publish, run_header  # noqa: E402
+from bench_common import bench_parser, publish, run_header, trained_looking_lora  # noqa: E402
 from bench_generation import bench_prompts  # noqa: E402
 
 ANSWERS = ["Because light scatters.", "The keeper loved the storms that shook the lamp.", "A hook, a pin, a clip.",
@@ -53,13 +52,9 @@ def adapter_live():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
+    parser = bench_parser(__doc__)
     parser.add_argument("--texts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="", help="write the markdown table here (default: print only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -70,12 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_preset(args.preset)
     tokenizer = models.load_tokenizer(cfg.model.name)
-    torch.manual_seed(0)
-    model = models.lora_from_config(models.load_causal_lm(cfg.model.name), cfg.model).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.01)
+    model = trained_looking_lora(cfg).eval()
     rm = RewardModel(model, models.ScalarHead(models.hidden_size_of(model)), tokenizer, cfg.model.name)
     prompts = bench_prompts(args.texts)
     answers = [ANSWERS[i % len(ANSWERS)] for i in range(args.texts)]
