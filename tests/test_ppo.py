@@ -625,8 +625,13 @@ def test_interrupted_run_resumes_and_reproduces(finished_run, artifacts, tmp_pat
         train_ppo(cfg, artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=False, progress=False)
     monkeypatch.setattr(ppo_module, "save_checkpoint", real_save)
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-000001"]
+    # What a kill -9 inside the second checkpoint's write leaves (a KeyboardInterrupt cleans up after itself):
+    half_written = tmp_path / ".checkpoint-000002.partial-killed"
+    half_written.mkdir()
+    (half_written / "trainable.safetensors").write_bytes(b"half")
 
     resumed = train_ppo(cfg, artifacts / "sft", artifacts / "rm", PROMPTS, PROSE, tmp_path, ptx=False, progress=False)
+    assert not half_written.exists()  # else the stage publishes it beside the run
     assert resumed.iterations == 2 and [row["iteration"] for row in resumed.metrics] == [1.0, 2.0]
     for key in ("score", "kl", "policy_loss", "value_loss"):
         assert [r[key] for r in resumed.metrics] == [r[key] for r in finished_run.metrics], key

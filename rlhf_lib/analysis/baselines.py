@@ -71,7 +71,9 @@ def _train_or_reuse_dpo(cfg: StudyConfig, paths: RunPaths, found: Availability, 
         if not pairs:
             return None
         shutil.rmtree(work, ignore_errors=True)
-        train_dpo(cfg, found.policies["SFT"], pairs, work, progress=progress)
+        work.mkdir(parents=True)
+        # Before training: a run killed after its policy is saved must still find its pairs beside it.
         pd.DataFrame(pairs).to_json(work / "pairs.jsonl", orient="records", lines=True)
+        train_dpo(cfg, found.policies["SFT"], pairs, work, progress=progress)
     shutil.copytree(work, out / "dpo", dirs_exist_ok=True)
     return out / "dpo" / "policy"

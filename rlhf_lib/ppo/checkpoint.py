@@ -37,6 +37,15 @@ class TrainState:
     start_stats: dict[str, float] = field(default_factory=dict)
 
 
+def remove_interrupted_writes(out_dir: Path) -> list[Path]:
+    """Delete the `.<name>.partial-*` directories in `out_dir`: a process killed while writing a checkpoint,
+    a best-* copy or a policy leaves one, and only the run's next start (the same single writer) can know it is dead."""
+    stale = [p for p in Path(out_dir).glob(".*.partial-*") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = sorted(p for p in Path(out_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit())
     return found[-1] if found else None

@@ -65,6 +65,7 @@ from rlhf_lib.ppo.checkpoint import (
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
+    remove_interrupted_writes,
     save_checkpoint,
 )
 from rlhf_lib.ppo.core import KLController, learning_rate_at
@@ -204,6 +205,8 @@ def train_ppo(
     ema = EMA(roles.named_policy_parameters(), ppo.ema_decay) if ppo.ema_decay > 0 else None
     kl_ctl = KLController(ppo.kl_beta, ppo.adaptive_kl, ppo.target_kl, horizon=ppo.kl_horizon)
     state = TrainState(kl_beta=kl_ctl.value)
+    if main:
+        remove_interrupted_writes(out_dir)  # else a kill -9 inside a write leaves a folder that gets published
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
         check_resumable(checkpoint, ppo)
