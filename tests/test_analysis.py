@@ -8,6 +8,7 @@ depend on any upstream training code and run in seconds.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from rlhf_lib.data.schema import (
     to_dataset,
 )
 from rlhf_lib.data.study import StudyData, build_data_stage
-from rlhf_lib.dpo import preference_pairs, train_dpo
+from rlhf_lib.dpo import dpo_loss, pair_batch, preference_pairs, sequence_logprobs, tokenize_pairs, train_dpo
 from rlhf_lib.generation import generate
 from rlhf_lib.pipeline import RunPaths, cached_stage
 from rlhf_lib.prompting import format_prompt
@@ -329,6 +330,58 @@ def test_dpo_trains_one_step_from_sft_and_saves_a_loadable_adapter(tmp_path):
         change = (dpo(**batch.to(dpo.device)).logits.cpu() - sft(**batch.to(sft.device)).logits.cpu()).abs().max().item()
     assert change > 1e-4, "one DPO step at lr 1e-2 must move the policy away from SFT"
     assert not (result.policy_dir / "ref").exists()  # TRL's frozen reference copy is not saved
+
+
+def test_dpo_sequence_logprobs_are_each_completions_log_probability_under_a_plain_forward():
+    """The batched, padded, head-at-completions-only sum equals log_softmax of a plain forward of each sequence
+    alone, summed over its completion tokens (the prompt's and the padding's tokens excluded)."""
+    model = _random_lora(5).eval()
+    tokenizer = models.load_tokenizer("micro")
+    pairs = [{"prompt": "Name a colour.", "chosen": "Red.", "rejected": "I like trains very much indeed."},
+             {"prompt": "Say hi to the people of the harbour town.", "chosen": "Hi!", "rejected": "No."}]
+    tokenized = tokenize_pairs(tokenizer, pairs, max_tokens=192)
+    with torch.no_grad():
+        batched = sequence_logprobs(model, *pair_batch(tokenized, pad_id=0))
+        expected = []
+        for index in (1, 2):  # every chosen row, then every rejected row, as pair_batch lays them out
+            for prompt, *completions in tokenized:
+                row = torch.tensor([prompt + completions[index - 1]])
+                logprobs = model(input_ids=row).logits[0, :-1].log_softmax(-1).gather(-1, row[0, 1:, None])[:, 0]
+                expected.append(logprobs[len(prompt) - 1 :].sum().item())
+    assert batched.tolist() == pytest.approx(expected, abs=1e-4)
+    eos = tokenizer.eos_token_id
+    assert all(chosen[-1] == eos and rejected[-1] == eos for _, chosen, rejected in tokenized)
+
+
+def test_dpo_pairs_are_cut_at_the_token_budget_and_dropped_when_nothing_of_a_completion_is_left():
+    tokenizer = models.load_tokenizer("micro")
+    pair = {"prompt": "Name a colour.", "chosen": "Red, or a deep blue like the sea at night.", "rejected": "No."}
+    prompt, chosen, rejected = tokenize_pairs(tokenizer, [pair], max_tokens=192)[0]
+    cut = tokenize_pairs(tokenizer, [pair], max_tokens=len(prompt) + 3)
+    assert cut == [(prompt, chosen[:3], rejected[:3])]
+    assert tokenize_pairs(tokenizer, [pair], max_tokens=len(prompt)) == []
+
+
+def test_dpo_loss_is_the_papers_formula():
+    beta = 0.5
+    loss, chosen, rejected = dpo_loss(torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0]),
+                                      torch.tensor([-11.0, -4.0]), torch.tensor([-11.0, -4.0]), beta)
+    assert chosen.tolist() == [0.5, 0.0] and rejected.tolist() == [-0.5, 0.5]
+    expected = -(torch.sigmoid(torch.tensor(1.0)).log() + torch.sigmoid(torch.tensor(-0.5)).log()) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_dpo_steps_on_one_pair_raise_its_margin(tmp_path):
+    """The sign check: repeated steps on one pair make the chosen completion more likely than the rejected one,
+    relative to the reference."""
+    cfg = load_preset("micro", OVERRIDES)
+    pairs = [{"prompt": "Name a colour.", "chosen": "Red.", "rejected": "I like trains."}]
+    result = train_dpo(cfg, _save_policy(tmp_path / "sft", seed=1), pairs, tmp_path / "dpo", max_steps=4,
+                       progress=False)
+    log = result.log_history.dropna(subset=["loss"])
+    assert list(log["step"]) == [1, 2, 3, 4] and log["rewards/margins"].iloc[0] == pytest.approx(0.0, abs=1e-6)
+    assert log["rewards/margins"].iloc[-1] > 0 and log["loss"].iloc[-1] < math.log(2)
+    assert (result.policy_dir.parent / "log_history.csv").exists()
 
 
 # --------------------------------------------------------------------------------------------

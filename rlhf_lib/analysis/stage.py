@@ -15,7 +15,7 @@ Methods (rlhf_lib.evaluation.METHODS), each skipped with a note when its upstrea
   demonstrations (a seeded draw from the shorter half of the SFT split, the same for every prompt);
 - SFT, PPO, PPO-ptx: the SFT policy and the two PPO runs' exported policies;
 - best-of-n: `evaluation.best_of_n` SFT samples at the rollout temperature, the RM's favourite kept;
-- DPO: the SFT policy trained with TRL's DPOTrainer on the RM's comparisons (rlhf_lib.dpo), trained here.
+- DPO: the SFT policy trained by DPO on the RM's comparisons (rlhf_lib.dpo), trained here.
 
 Every evaluation output is decoded with `evaluation.temperature` (0 = greedy, the default) and seeded.
 One base model is loaded once and carries every LoRA policy as a named adapter; a policy that cannot
