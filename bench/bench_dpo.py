@@ -12,8 +12,8 @@ full-vocabulary metrics beside the log-probabilities. Designs, one epoch over th
   trl    TRL's DPOTrainer with the settings the study gave it (constant learning rate, the preset's beta and batch,
          sequences cut at reward.max_seq_tokens, fp32, dropout off); its reference log-probs come from the frozen
          "ref" copy of the SFT adapter at every step
-  ours   rlhf_lib.dpo.train_dpo: reference log-probs once up front (the adapter merged), then the LM head at the
-         completion tokens only
+  ours   rlhf_lib.dpo.train_dpo: reference log-probs once up front (the adapter merged), the LM head at the
+         completion tokens only, and batches of similar lengths (`length_grouped_batches`; TRL draws them at random)
 
 Both times cover the whole call (model load included) and the training loop alone (ours: the reference pass
 included). The SFT adapter is random LoRA of the preset's rank on the preset's base, the pairs are the bench
@@ -91,7 +91,7 @@ def our_dpo(cfg, sft_dir: Path, pairs: list[dict[str, str]], out_dir: Path) -> t
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__, repeats=2)
-    parser.add_argument("--pairs", type=int, default=24, help="pairs of the epoch each design trains")
+    parser.add_argument("--pairs", type=int, default=32, help="pairs of the epoch each design trains")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -37,7 +37,15 @@ from rlhf_lib.data.schema import (
     to_dataset,
 )
 from rlhf_lib.data.study import StudyData, build_data_stage
-from rlhf_lib.dpo import dpo_loss, pair_batch, preference_pairs, sequence_logprobs, tokenize_pairs, train_dpo
+from rlhf_lib.dpo import (
+    dpo_loss,
+    length_grouped_batches,
+    pair_batch,
+    preference_pairs,
+    sequence_logprobs,
+    tokenize_pairs,
+    train_dpo,
+)
 from rlhf_lib.generation import generate
 from rlhf_lib.pipeline import RunPaths, cached_stage
 from rlhf_lib.prompting import format_prompt
@@ -360,6 +368,18 @@ def test_dpo_pairs_are_cut_at_the_token_budget_and_dropped_when_nothing_of_a_com
     cut = tokenize_pairs(tokenizer, [pair], max_tokens=len(prompt) + 3)
     assert cut == [(prompt, chosen[:3], rejected[:3])]
     assert tokenize_pairs(tokenizer, [pair], max_tokens=len(prompt)) == []
+
+
+def test_dpo_batches_group_similar_lengths_and_hold_every_pair_once():
+    lengths = [(i * 37) % 101 for i in range(50)]
+    batches = length_grouped_batches(lengths, 4, torch.Generator().manual_seed(0))
+    assert sorted(i for batch in batches for i in batch) == list(range(50))
+    assert sorted(len(batch) for batch in batches) == [2] + [4] * 12
+    padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)  # noqa: E731
+    shuffled = torch.randperm(50, generator=torch.Generator().manual_seed(0)).tolist()
+    assert padded(batches) < 0.8 * padded([shuffled[i : i + 4] for i in range(0, 50, 4)])
+    assert batches == length_grouped_batches(lengths, 4, torch.Generator().manual_seed(0))
+    assert batches != length_grouped_batches(lengths, 4, torch.Generator().manual_seed(1))
 
 
 def test_dpo_loss_is_the_papers_formula():
