@@ -46,7 +46,7 @@ from rlhf_lib.ppo import (
     train_ppo,
     value_loss,
 )
-from rlhf_lib.ppo.rollout import trim_left_padding
+from rlhf_lib.ppo.rollout import _chunked, trim_left_padding
 from rlhf_lib.prompting import format_prompt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -967,3 +967,24 @@ def test_backward_per_network_is_the_joint_update(artifacts, warm_up):
     assert joint_history[-1]["value_grad_norm"] > 0 and (warm_up or joint_history[-1]["grad_norm"] > 0)
     for name, value in joint.items():
         torch.testing.assert_close(split[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_rollout_forwards_run_in_length_chunks_and_come_back_in_row_order():
+    """Rows of similar length share a chunk within the token budget, each chunk trimmed of its shared left padding;
+    every output row is its own input row's."""
+    prompt_lengths, response_len = [3, 9, 1, 7, 2, 8], 2
+    width = max(prompt_lengths) + response_len
+    mask = torch.zeros(len(prompt_lengths), width, dtype=torch.long)
+    for row, length in enumerate(prompt_lengths):
+        mask[row, width - response_len - length :] = 1
+    ids = torch.arange(len(prompt_lengths))[:, None].expand(-1, width) * mask
+    seen = []
+
+    def forward(chunk_ids, chunk_mask):
+        seen.append(tuple(chunk_ids.shape))
+        return chunk_ids.max(dim=1).values, chunk_mask.sum(dim=1)
+
+    rows, lengths = _chunked(forward, 24, ids, mask)
+    assert rows.tolist() == list(range(len(prompt_lengths)))
+    assert lengths.tolist() == [length + response_len for length in prompt_lengths]
+    assert seen == [(2, 11), (2, 9), (2, 4)]  # prompts (9, 8) (7, 3) (2, 1), + 2 response columns: rows x width <= 24

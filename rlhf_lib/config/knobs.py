@@ -223,6 +223,10 @@ class PPOConfig:
     max_kl: float = _knob(50.0, "Divergence guard: stop if mean sequence KL exceeds this.", low=0.0)
     min_entropy: float = _knob(0.01, "Divergence guard: stop if mean token entropy falls below this.", low=0.0)
     whiten_rewards: bool = _knob(False, "Whiten rewards before GAE (off in the paper).")
+    forward_tokens: int = _knob(
+        16384, "Token budget of one chunk of the rollout's reference, value and reward forwards (rows x longest "
+        "sequence; rows of similar length go together, bench/bench_rollout.py).", low=1
+    )
     logprobs_from_sampler: bool = _knob(
         False, "Take the rollout's old log-probs and entropies from the sampler (cached decoding with the policy's "
         "LoRA merged), as TRL's PPOTrainer does, instead of a forward over the sampled text: one forward fewer per "

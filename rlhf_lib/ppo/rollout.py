@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_lib.config import PPOConfig, StudyConfig
-from rlhf_lib.generation import Generated, generate
+from rlhf_lib.generation import Generated, generate, prefill_chunks
 from rlhf_lib.models import adapter_merged
 from rlhf_lib.ppo.core import explained_variance, gae, masked_mean, masked_whiten, per_token_rewards
 from rlhf_lib.ppo.roles import PolicyValueRoles, RewardFn
@@ -129,13 +129,22 @@ def trim_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     return input_ids[:, first:], attention_mask[:, first:]
 
 
-def _chunked(fn: Callable[..., Any], batch_size: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-    """fn(ids, mask) over row chunks (each trimmed of shared left padding), results concatenated by row."""
-    outs = [fn(*trim_left_padding(input_ids[i : i + batch_size], attention_mask[i : i + batch_size]))
-            for i in range(0, input_ids.shape[0], batch_size)]
+def _chunked(fn: Callable[..., Any], token_budget: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """fn(ids, mask) over chunks of rows of similar length (`prefill_chunks`: rows x longest sequence within
+    `token_budget`), each trimmed of its shared left padding; results put back in row order. Rows in their own order
+    pad every chunk to its longest prompt: at 16 rows of the bench's prompt mix the rollout's three forwards took
+    1.43x as long (bench/results/rollout_bench.md)."""
+    widths = attention_mask.shape[1] - attention_mask.float().argmax(dim=1)  # from the first real token to the end
+    chunks = prefill_chunks(widths.tolist(), token_budget)
+    outs = [fn(*trim_left_padding(input_ids[rows], attention_mask[rows])) for rows in chunks]
+    restore = torch.argsort(torch.tensor([row for rows in chunks for row in rows]))
+
+    def in_row_order(parts):
+        return torch.cat(parts)[restore.to(parts[0].device)]
+
     if isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
-    return torch.cat(outs)
+        return tuple(in_row_order(parts) for parts in zip(*outs, strict=True))
+    return in_row_order(outs)
 
 
 def _guard_finite(name: str, tensor: torch.Tensor) -> None:
@@ -178,7 +187,7 @@ def _score_responses(
         raise ValueError("No reward: the roles carry no reward adapter and no reward_fn was given.")
     else:
         response_len = sampled.response_ids.shape[1]
-        rm_scores = _chunked(lambda i, m: roles.reward_scores(i, m, response_len), cfg.generation.batch_size,
+        rm_scores = _chunked(lambda i, m: roles.reward_scores(i, m, response_len), cfg.ppo.forward_tokens,
                              input_ids, attention_mask)
     _guard_finite("reward-model scores", rm_scores)
     return rm_scores, rm_scores - missing_eos_penalty * (~sampled.ended_with_eos).float()
@@ -201,7 +210,7 @@ def collect_rollout(
     None = `cfg.ppo.missing_eos_penalty` as it stands (an RM std of 1).
     """
     ppo, gen = cfg.ppo, cfg.generation
-    batch = gen.batch_size
+    budget = ppo.forward_tokens
     penalty = ppo.missing_eos_penalty if missing_eos_penalty is None else missing_eos_penalty
 
     # 1. rollout: pure temperature sampling (top_p 1, top_k 0), so step 2's probabilities are the sampling ones.
@@ -217,10 +226,10 @@ def collect_rollout(
     if ppo.logprobs_from_sampler:
         logprobs, entropy = sampled.token_logprobs, sampled.token_entropy
     else:
-        logprobs, entropy = _chunked(lambda i, m: roles.policy_logprobs(i, m, response_len), batch, input_ids,
+        logprobs, entropy = _chunked(lambda i, m: roles.policy_logprobs(i, m, response_len), budget, input_ids,
                                      attention_mask)
-    ref_logprobs = _chunked(lambda i, m: roles.reference_logprobs(i, m, response_len), batch, input_ids, attention_mask)
-    values = _chunked(lambda i, m: roles.values(i, m, response_len), batch, input_ids, attention_mask)
+    ref_logprobs = _chunked(lambda i, m: roles.reference_logprobs(i, m, response_len), budget, input_ids, attention_mask)
+    values = _chunked(lambda i, m: roles.values(i, m, response_len), budget, input_ids, attention_mask)
     logprobs, ref_logprobs, entropy, values = logprobs * mask, ref_logprobs * mask, entropy * mask, values * mask
     for name, tensor in (("policy logprobs", logprobs), ("reference logprobs", ref_logprobs), ("values", values)):
         _guard_finite(name, tensor)

@@ -161,8 +161,9 @@ def train_ppo(
     policy_init_dir: SFT adapter directory (None: start from the base, which is then also the reference).
     reward_dir: RM directory; `reward_fn` overrides its scoring (e.g. a gold labeler), while a same-base
     RM still initialises the value function. Rerunning with the same out_dir resumes from its last
-    checkpoint; raising `cfg.ppo.iterations` continues a finished run. Forward passes (rollout scoring
-    and PPO minibatches) run at most `cfg.generation.batch_size` sequences at a time.
+    checkpoint; raising `cfg.ppo.iterations` continues a finished run. The rollout's scoring forwards run in
+    chunks of rows of similar length (`cfg.ppo.forward_tokens`), PPO minibatches at most
+    `cfg.generation.batch_size` sequences at a time.
     With `[ppo] validation_prompts` > 0 that many of `prompts` are held out from rollouts and the exported
     policy is the validation point chosen by `select_checkpoint` (see validation.csv, result.json).
     The collapse guard (`collapse_fraction`, `collapse_action`) stops or flags a policy whose response
