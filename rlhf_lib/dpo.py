@@ -114,9 +114,11 @@ def tokenize_pairs(tokenizer, pairs: Sequence[Mapping[str, Any]], max_tokens: in
         _, rejected_text = format_example(tokenizer, str(pair["prompt"]), str(pair["rejected"]))
         prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         room = max_tokens - len(prompt)
+        if room <= 0:
+            continue
         chosen = tokenizer(chosen_text, add_special_tokens=False)["input_ids"][:room]
         rejected = tokenizer(rejected_text, add_special_tokens=False)["input_ids"][:room]
-        if room > 0 and chosen and rejected:
+        if chosen and rejected:
             out.append((prompt, chosen, rejected))
     return out
 
