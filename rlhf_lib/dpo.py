@@ -143,12 +143,10 @@ def pair_batch(pairs: Sequence[TokenizedPair], pad_id: int, device: torch.device
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, predicts: torch.Tensor
                       ) -> torch.Tensor:
     """log pi(completion | prompt) [rows]: the sum of the completion tokens' log-probabilities, the LM head run at
-    the predicting states only (`models.target_logits`)."""
+    the predicting states only (`models.target_logprobs`)."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "position_ids": models.position_ids_from_mask(attention_mask)}
-    logits = models.target_logits(model, inputs, predicts).float()
-    targets = input_ids[:, 1:][predicts]
-    token_logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logprobs = models.target_logprobs(model, inputs, predicts)
     return token_logprobs.new_zeros(len(input_ids)).index_add(0, predicts.nonzero()[:, 0], token_logprobs)
 
 

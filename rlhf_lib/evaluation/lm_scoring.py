@@ -91,9 +91,7 @@ def score_token_lists(
                 inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
                           "position_ids": models.position_ids_from_mask(mask).to(device)}
                 predicts = predicts.to(device)
-                logits = models.target_logits(model, inputs, predicts).float()  # [scored tokens, vocabulary]
-                targets = inputs["input_ids"][:, 1:][predicts]
-                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                logprobs = models.target_logprobs(model, inputs, predicts)  # [scored tokens]
                 row_sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
                 row_sums.index_add_(0, predicts.nonzero()[:, 0], logprobs.double())
                 sums[batch] = row_sums.cpu().numpy()

@@ -8,7 +8,7 @@ load. Any other name is a Hugging Face Hub id (or a local directory) loaded with
     offline   the cache (manifests, atomic directories) and the GGUF -> safetensors conversion: `materialize`
     loading   devices and dtypes, `load_tokenizer`, `load_causal_lm` (4-bit nf4 optional), `add_lora`
     heads     `ScalarHead` (reward, value), hidden states with mask-counted positions, pooling, the LM head
-              at chosen positions only (`target_logits`)
+              at chosen positions only (`target_logits`, and their tokens' log-probs: `target_logprobs`)
 
 Usage::
 
@@ -46,6 +46,7 @@ from rlhf_lib.models.heads import (
     position_ids_from_mask,
     scalar_outputs,
     target_logits,
+    target_logprobs,
 )
 from rlhf_lib.models.loading import (
     adapter_merged,
@@ -136,6 +137,7 @@ __all__ = [
     "scalar_outputs",
     "sha256_file",
     "target_logits",
+    "target_logprobs",
     "verify_checkpoint",
     "write_manifest",
 ]

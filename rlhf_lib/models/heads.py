@@ -169,6 +169,14 @@ def target_logits(model: nn.Module, inputs: dict[str, torch.Tensor], predicts: t
     return model.get_output_embeddings()(hidden[:, :-1][predicts])
 
 
+def target_logprobs(model: nn.Module, inputs: dict[str, torch.Tensor], predicts: torch.Tensor) -> torch.Tensor:
+    """log p(token j + 1) [N] in float32 at the N positions j where `predicts` is True, row-major (`target_logits`:
+    the LM head runs at those states only). A sequence's log-probability is the sum over its row's entries."""
+    logits = target_logits(model, inputs, predicts).float()
+    targets = inputs["input_ids"][:, 1:][predicts]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def layer_states(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]
 ) -> list[torch.Tensor]:
