@@ -43,9 +43,10 @@ DEFAULT_SIZE = "tiny"
 # Rough minutes per stage on a 2-core CPU, used only for the plan's estimate until a run has been timed.
 ROUGH_MINUTES = {
     "micro": {"data": 1, "sft": 0.5, "reward": 1, "ppo": 1, "analysis": 2},
-    # tiny, measured 2026-12-01 (results/tiny/RUN.md): data 0.8, SFT 4.9-9.6, RM 12.1-30.2 (the shared machine's
-    # speed varies from hour to hour), PPO + PPO-ptx 56.6 (40 iterations each), analysis 5.9-12.7.
-    "tiny": {"data": 1, "sft": 10, "reward": 30, "ppo": 57, "analysis": 13},
+    # tiny, the run of 2026-12-04 (results/tiny/RUN.md): data 5 s, SFT 7.9 (4.9 on a quiet machine), RM 9.5 from
+    # scratch, analysis 25.8. Its PPO (29.2) stopped early; at 27 s an iteration (bench/results/
+    # ppo_bench_2026-12-06.md, a slow hour) the preset's 2 x 40 iterations take ~36. Both predate later speed-ups.
+    "tiny": {"data": 1, "sft": 8, "reward": 10, "ppo": 36, "analysis": 26},
     "small": {"data": 1, "sft": 10, "reward": 20, "ppo": 25, "analysis": 25},
 }
 
