@@ -20,6 +20,8 @@ rounds (the median is reported):
                  key/value cache, each new token through `rlhf_lib.decoding.DecodeStep`
   hfstep@P/D     the same, each new token through the model's own forward instead (`decode_with_transformers`: the
                  study's decoding step until 2026-12-05; the deep-copy merge it replaced is in earlier results)
+  flathead@P/D   ours with the decode step's LM head as one F.linear over the whole vocabulary (`decoding.HEAD_CHUNK`
+                 None: the study's decode step until 2026-12-06), not in blocks of vocabulary rows
 
 Prefill and decode are timed apart: prefill = the same call with one new token; decode = the rest. The
 arithmetic bound is 2 x parameters x tokens processed (real prompt tokens + sampled tokens, padding excluded)
@@ -66,6 +68,7 @@ def bench_prompts(n: int) -> list[str]:
 def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int], max_new_tokens: int,
                seed: int) -> dict[str, float]:
     """Seconds to sample every prompt (and with one new token: the prefill), and the tokens processed."""
+    from rlhf_lib import decoding
     from rlhf_lib.generation import generate, generate_with_transformers, length_sorted_batches
     from rlhf_lib.models import adapter_merged
 
@@ -97,15 +100,20 @@ def run_design(policy, tokenizer, texts: list[str], design: tuple[str, int, int]
                 sampled += int(out.response_mask.sum())
         return time.perf_counter() - started, prompt_tokens, sampled
 
-    prefill_s, _, _ = sample(1)
-    total_s, prompt_tokens, sampled = sample(max_new_tokens)
+    head_chunk = decoding.HEAD_CHUNK
+    decoding.HEAD_CHUNK = None if kind == "flathead" else head_chunk
+    try:
+        prefill_s, _, _ = sample(1)
+        total_s, prompt_tokens, sampled = sample(max_new_tokens)
+    finally:
+        decoding.HEAD_CHUNK = head_chunk
     return {"total_s": total_s, "prefill_s": prefill_s, "decode_s": total_s - prefill_s,
             "prompt_tokens": prompt_tokens, "sampled_tokens": sampled}
 
 
 def design_name(design: tuple[str, int, int]) -> str:
     kind, batch, decode_rows = design
-    return f"{kind}@{batch}/{decode_rows}" if kind in ("ours", "hfstep") else f"{kind}@{batch}"
+    return f"{kind}@{batch}/{decode_rows}" if kind in ("ours", "hfstep", "flathead") else f"{kind}@{batch}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.prompts} prompts (RM comparisons, evaluation)": (
             [format_prompt(tokenizer, p) for p in bench_prompts(args.prompts)],
             [("plain", 8, 8), ("plain", batch, batch), ("sorted", batch, batch), ("ours", 4 * prefill, decode_rows),
-             ("hfstep", prefill, decode_rows), ("ours", prefill, decode_rows)],
+             ("hfstep", prefill, decode_rows), ("flathead", prefill, decode_rows), ("ours", prefill, decode_rows)],
         ),
         f"{rollout} prompts (one PPO rollout, ppo.rollout_batch)": (
             [format_prompt(tokenizer, p) for p in bench_prompts(rollout)],
             [("plain", rollout, rollout), ("sorted", rollout, rollout), ("ours", 8 * prefill, rollout),
-             ("hfstep", prefill, rollout), ("ours", prefill, rollout)],
+             ("hfstep", prefill, rollout), ("flathead", prefill, rollout), ("ours", prefill, rollout)],
         ),
     }
     load_before = os.getloadavg()[0]

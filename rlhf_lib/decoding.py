@@ -9,9 +9,10 @@ SiLU-gated MLP, pre-norm residuals): model types "llama" (SmolLM2 among them) an
 in float32 on the CPU, every projection a plain `nn.Linear` or a peft LoRA layer whose adapter is merged
 (`models.adapter_merged`) or switched off. Anything else (4-bit weights, an unmerged adapter, autocast,
 gemma's scaled embeddings and capped logits, another device) gets None, and transformers' forward runs instead.
-Measured side by side on SmolLM2-135M (bench/results/generation_bench.md, designs ours and hfstep): one 16-prompt
-PPO rollout decodes in 2.6 s against 2.9 s through the forward; at 48 rows the two tie (5.2 s), where a step is
-mostly matmuls. Tests compare its tokens and log-probs with the forward's (tests/test_generation.py).
+Measured side by side on SmolLM2-135M (bench/results/generation_bench.md, 2026-12-06, a slow hour): one 16-prompt
+PPO rollout samples in 6.6 s against 7.7 s through the forward (design hfstep) and 7.3 s with the LM head as one
+matmul (flathead, `HEAD_CHUNK` None); at 48 rows the three are within that run's noise (19.5-21.9 s).
+Tests compare its tokens and log-probs with the forward's (tests/test_generation.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,24 @@ import torch.nn.functional as F
 from torch import nn
 
 KNOWN_MODEL_TYPES = ("llama", "qwen2")
+# Vocabulary rows of the LM head per matmul in `head_logits` (None: one F.linear over the whole vocabulary).
+HEAD_CHUNK = 2048
+
+
+@torch.no_grad()
+def head_logits(hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """[B, V] logits of a few rows of final states [B, H] under the LM head's weight [V, H] (no bias), for sampling.
+
+    As `head @ hidden^T` in blocks of HEAD_CHUNK vocabulary rows: at a few rows, one `hidden @ head^T` over a large
+    vocabulary reads the head well below this machine's memory bandwidth; the blocks' tall, thin products read it
+    faster (bench/results/generation_bench.md: design ours against flathead). The same sums in another order:
+    equal to F.linear up to float rounding."""
+    if HEAD_CHUNK is None:
+        return F.linear(hidden, head)
+    logits = hidden.new_empty((head.shape[0], hidden.shape[0]))
+    for start in range(0, head.shape[0], HEAD_CHUNK):
+        torch.mm(head[start : start + HEAD_CHUNK], hidden.t(), out=logits[start : start + HEAD_CHUNK])
+    return logits.t().contiguous()
 
 
 def _plain_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -132,4 +151,4 @@ class DecodeStep:
             x = x + F.linear(attended, *layer.o)
             h = F.rms_norm(x, (x.shape[-1],), layer.mlp_norm, layer.mlp_eps)
             x = x + F.linear(F.silu(F.linear(h, *layer.gate)) * F.linear(h, *layer.up), *layer.down)
-        return F.linear(F.rms_norm(x[:, 0], (x.shape[-1],), self.norm, self.norm_eps), self.head)
+        return head_logits(F.rms_norm(x[:, 0], (x.shape[-1],), self.norm, self.norm_eps), self.head)

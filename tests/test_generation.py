@@ -91,6 +91,20 @@ def test_decode_step_samples_what_the_models_forward_samples(micro_tokenizer, mo
     torch.testing.assert_close(own.token_logprobs, expected, rtol=0, atol=1e-4)
 
 
+def test_head_logits_equal_the_plain_head_for_any_vocabulary_blocking(monkeypatch):
+    """The decode step's LM head in vocabulary blocks gives F.linear's logits, a last partial block included."""
+    from rlhf_lib import decoding
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(5, 64), torch.randn(5000, 64)  # 5000 = 2 x 2048 + 904: the last block is partial
+    expected = torch.nn.functional.linear(hidden, head)
+    for block in (2048, 4096, 5000, 7, None):
+        monkeypatch.setattr(decoding, "HEAD_CHUNK", block)
+        logits = decoding.head_logits(hidden, head)
+        assert logits.shape == (5, 5000) and logits.is_contiguous()
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_step_applies_only_where_its_output_is_the_models(micro_tokenizer):
     from rlhf_lib.decoding import DecodeStep
     from rlhf_lib.models import adapter_merged
