@@ -43,9 +43,9 @@ DEFAULT_SIZE = "tiny"
 # Rough minutes per stage on a 2-core CPU, used only for the plan's estimate until a run has been timed.
 ROUGH_MINUTES = {
     "micro": {"data": 1, "sft": 0.5, "reward": 1, "ppo": 1, "analysis": 2},
-    # tiny, the run of 2026-12-04 (results/tiny/RUN.md): data 5 s, SFT 7.9 (4.9 on a quiet machine), RM 9.5 from
-    # scratch, analysis 25.8. Its PPO (29.2) stopped early; at 27 s an iteration (bench/results/
-    # ppo_bench_2026-12-06.md, a slow hour) the preset's 2 x 40 iterations take ~36. Both predate later speed-ups.
+    # tiny, the run of 2026-12-04 (results/tiny/RUN.md; later speed-ups are not in it): data 5 s, SFT 7.9 (4.9 on a
+    # quiet machine), RM 9.5 from scratch, analysis 25.8. Its PPO (29.2) stopped early; at 27 s an iteration
+    # (bench/results/ppo_bench_2026-12-06.md, a slow hour) the preset's 2 x 40 iterations take ~36.
     "tiny": {"data": 1, "sft": 8, "reward": 10, "ppo": 36, "analysis": 26},
     "small": {"data": 1, "sft": 10, "reward": 20, "ppo": 25, "analysis": 25},
 }
